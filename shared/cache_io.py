@@ -1,0 +1,222 @@
+"""Reading and writing a samcache cache: the Zarr group, its embeddings and the manifest.
+
+All I/O on the cache goes through here (``cache_layout.md`` is the contract). Local paths use
+zarr's ``LocalStore`` (each chunk written to a temp file, then renamed); ``s3://``, ``gs://`` and
+other fsspec URLs use ``FsspecStore``, where every object PUT is atomic (see cache_layout.md).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import zarr
+import zarr.storage
+
+from shared.cache_format import (
+    ATTRS_KEY,
+    EMBEDDING_SHAPE,
+    EMBEDDINGS,
+    FRAGMENT_PREFIX,
+    MANIFEST_DIR,
+    MANIFEST_SCHEMA,
+    STATUS_OK,
+    TEMP_PREFIX,
+    CacheAttrs,
+    CacheFormatError,
+)
+from shared.storage import Location, parse_location
+
+
+class CacheNotFoundError(FileNotFoundError):
+    """No cache at the given path."""
+
+
+@dataclass
+class Cache:
+    """An open cache: where it is, its attributes and its embeddings array."""
+
+    location: Location
+    attrs: CacheAttrs
+    group: zarr.Group
+
+    @property
+    def embeddings(self) -> zarr.Array:
+        array = self.group[EMBEDDINGS]
+        assert isinstance(array, zarr.Array)
+        return array
+
+    @property
+    def name(self) -> str:
+        return self.location.display
+
+
+def _store(location: Location, read_only: bool) -> zarr.abc.store.Store:
+    if location.is_local:
+        return zarr.storage.LocalStore(location.path, read_only=read_only)
+    return zarr.storage.FsspecStore(location.fs, path=location.path, read_only=read_only)
+
+
+def cache_exists(location: Location) -> bool:
+    return location.fs.exists(location.join("zarr.json"))
+
+
+def create_cache(location: Location, attrs: CacheAttrs) -> Cache:
+    """Create an empty cache (0 rows) with its attributes; refuse to overwrite anything."""
+    if cache_exists(location):
+        raise FileExistsError(f"{location.display} already holds a Zarr group")
+    location.fs.makedirs(location.path, exist_ok=True)
+    group = zarr.create_group(
+        store=_store(location, read_only=False), attributes={ATTRS_KEY: attrs.to_dict()}
+    )
+    group.create_array(
+        EMBEDDINGS,
+        shape=(0, *EMBEDDING_SHAPE),
+        chunks=(1, *EMBEDDING_SHAPE),
+        dtype=attrs.dtype,
+        compressors=None,
+        fill_value=0,
+    )
+    location.fs.makedirs(location.join(MANIFEST_DIR), exist_ok=True)
+    return Cache(location, attrs, group)
+
+
+def open_cache(target: str | Path | Location, *, read_only: bool = True) -> Cache:
+    """Open an existing cache, validating its format (errors name what was found)."""
+    location = target if isinstance(target, Location) else parse_location(target)
+    if not cache_exists(location):
+        raise CacheNotFoundError(
+            f"{location.display} is not a samcache cache (no zarr.json); "
+            "create one with `embed run --images DIR --out PATH`"
+        )
+    try:
+        group = zarr.open_group(store=_store(location, read_only), mode="r" if read_only else "r+")
+    except Exception as exc:  # zarr raises several types for a broken zarr.json
+        raise CacheFormatError(f"{location.display}: cannot open the Zarr group ({exc})") from exc
+    attrs = CacheAttrs.from_dict(dict(group.attrs).get(ATTRS_KEY, {}), where=location.display)
+    if EMBEDDINGS not in group:
+        raise CacheFormatError(f"{location.display}: has no '{EMBEDDINGS}' array")
+    cache = Cache(location, attrs, group)
+    array = cache.embeddings
+    if array.shape[1:] != EMBEDDING_SHAPE or str(array.dtype) != attrs.dtype:
+        raise CacheFormatError(
+            f"{location.display}: embeddings are {array.shape[1:]} {array.dtype}, "
+            f"expected {EMBEDDING_SHAPE} {attrs.dtype}"
+        )
+    return cache
+
+
+def grow_embeddings(cache: Cache, n_new: int) -> range:
+    """Append ``n_new`` rows and return their indices. Coordinator only (see cache_layout.md)."""
+    array = cache.embeddings
+    start = array.shape[0]
+    if n_new > 0:
+        array.resize((start + n_new, *EMBEDDING_SHAPE))
+    return range(start, start + n_new)
+
+
+def write_embedding(array: zarr.Array, row: int, embedding: np.ndarray) -> None:
+    """Write one row (one whole chunk) in the array's dtype."""
+    array[row] = np.asarray(embedding, dtype=array.dtype).reshape(EMBEDDING_SHAPE)
+
+
+def read_embeddings(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
+    """Rows as (len(rows), 256, 64, 64) in storage dtype; one chunk read per row."""
+    out = np.empty((len(rows), *EMBEDDING_SHAPE), dtype=array.dtype)
+    for i, row in enumerate(rows):
+        out[i] = array[int(row)]
+    return out
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+
+def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with the manifest columns but ``committed_ns``) as a manifest table."""
+    now = time.time_ns()
+    filled = [{**row, "committed_ns": now} for row in rows]
+    return pa.Table.from_pylist(filled, schema=MANIFEST_SCHEMA)
+
+
+def commit_fragment(location: Location, table: pa.Table) -> str:
+    """Durably add ``table`` to the manifest; returns the fragment's name.
+
+    Local: written to ``.tmp-…`` (ignored by readers), fsynced, then ``os.replace``d and the
+    directory fsynced, so a crash leaves either no fragment or a whole one. Object stores: one
+    PUT of the final name, which is atomic (the object appears whole or not at all).
+    """
+    stamp = int(table.column("committed_ns")[0].as_py()) if table.num_rows else time.time_ns()
+    name = f"{FRAGMENT_PREFIX}{stamp:020d}-{uuid.uuid4().hex[:12]}.parquet"
+    manifest_dir = location.join(MANIFEST_DIR)
+    if not location.is_local:
+        with location.fs.open(f"{manifest_dir}/{name}", "wb") as handle:
+            pq.write_table(table, handle)
+        return name
+    os.makedirs(manifest_dir, exist_ok=True)
+    temp = os.path.join(manifest_dir, f"{TEMP_PREFIX}{name}")
+    with open(temp, "wb") as handle:
+        pq.write_table(table, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, os.path.join(manifest_dir, name))
+    _fsync_dir(manifest_dir)
+    return name
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest_all(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """Every committed row, superseded ones included (for `embed status` history)."""
+    manifest_dir = location.join(MANIFEST_DIR)
+    if not location.fs.exists(manifest_dir):
+        return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
+    dataset = pds.dataset(
+        manifest_dir,
+        format="parquet",
+        schema=MANIFEST_SCHEMA,
+        filesystem=None if location.is_local else location.fs,
+        exclude_invalid_files=False,
+    )
+    return dataset.to_table(columns=columns)
+
+
+def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """The winning row per ``image_id`` (largest ``committed_ns``), sorted by ``image_id``."""
+    wanted = None if columns is None else sorted({*columns, "image_id", "committed_ns"})
+    table = read_manifest_all(location, wanted)
+    if table.num_rows == 0:
+        return table if columns is None else table.select(columns)
+    table = table.sort_by([("image_id", "ascending"), ("committed_ns", "ascending")])
+    ids = table.column("image_id")
+    last_of_run = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
+    keep = pa.concat_arrays([last_of_run.combine_chunks(), pa.array([True])])
+    table = table.filter(keep)
+    return table if columns is None else table.select(columns)
+
+
+def ok_rows(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """Winning rows whose status is ``ok`` (what stage 2 reads)."""
+    table = read_manifest(location, None if columns is None else sorted({*columns, "status"}))
+    table = table.filter(pc.equal(table.column("status"), STATUS_OK))
+    return table if columns is None else table.select(columns)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
