@@ -91,6 +91,7 @@ class CacheAttrs:
     model_type: str
     checkpoint_sha256: str
     checkpoint_name: str
+    checkpoint_path: str = ""  # where the checkpoint was when the cache was made (a hint)
     dtype: str = "float16"
     samcache_version: str = "0.1.0"
     created_at: str = ""

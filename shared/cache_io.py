@@ -65,7 +65,11 @@ class Cache:
 def _store(location: Location, read_only: bool) -> zarr.abc.store.Store:
     if location.is_local:
         return zarr.storage.LocalStore(location.path, read_only=read_only)
-    return zarr.storage.FsspecStore(location.fs, path=location.path, read_only=read_only)
+    # zarr runs its own event loop: it needs an ``asynchronous=True`` filesystem (s3fs) or a
+    # wrapped sync one; a sync s3fs instance fails with "attached to a different loop".
+    return zarr.storage.FsspecStore.from_url(
+        location.display, storage_options=dict(location.fs.storage_options), read_only=read_only
+    )
 
 
 def cache_exists(location: Location) -> bool:
@@ -160,8 +164,11 @@ def commit_fragment(location: Location, table: pa.Table) -> str:
     name = f"{FRAGMENT_PREFIX}{stamp:020d}-{uuid.uuid4().hex[:12]}.parquet"
     manifest_dir = location.join(MANIFEST_DIR)
     if not location.is_local:
-        with location.fs.open(f"{manifest_dir}/{name}", "wb") as handle:
-            pq.write_table(table, handle)
+        # Serialise first, then one PUT: a failure while writing Parquet uploads nothing (an
+        # fsspec file handle would upload the partial bytes when its ``with`` block exits).
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        location.fs.pipe_file(f"{manifest_dir}/{name}", sink.getvalue().to_pybytes())
         return name
     os.makedirs(manifest_dir, exist_ok=True)
     temp = os.path.join(manifest_dir, f"{TEMP_PREFIX}{name}")
@@ -182,9 +189,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove_stale_temps(location: Location) -> int:
+    """Delete ``.tmp-`` fragments left by a killed writer. Call only while holding the lock."""
+    manifest_dir = location.join(MANIFEST_DIR)
+    if not location.is_local or not os.path.isdir(manifest_dir):
+        return 0
+    stale = [name for name in os.listdir(manifest_dir) if name.startswith(TEMP_PREFIX)]
+    for name in stale:
+        os.remove(os.path.join(manifest_dir, name))
+    return len(stale)
+
+
 def read_manifest_all(location: Location, columns: list[str] | None = None) -> pa.Table:
     """Every committed row, superseded ones included (for `embed status` history)."""
     manifest_dir = location.join(MANIFEST_DIR)
+    if not location.is_local:
+        location.fs.invalidate_cache(manifest_dir)  # other processes commit fragments too
     if not location.fs.exists(manifest_dir):
         return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
     dataset = pds.dataset(
