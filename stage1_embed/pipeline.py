@@ -1,0 +1,222 @@
+"""`embed run` from start to end: plan what is left, allocate rows, run batches, summarise.
+
+The coordinator (this process) is the only one that creates the cache, grows ``embeddings``
+and holds the lock; batches (``stage1_embed.work``) write rows and commit manifest fragments.
+A rerun hashes the files, compares with the manifest and encodes only what is missing or
+changed; when nothing is, the model is never loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from shared.cache_format import LOCK_NAME, STATUS_OK, CacheAttrs, check_same_model
+from shared.cache_io import (
+    cache_exists,
+    create_cache,
+    grow_embeddings,
+    open_cache,
+    read_manifest,
+    remove_stale_temps,
+    utc_now,
+)
+from shared.hashing import file_sha256
+from shared.sam_models import resolve_checkpoint
+from shared.storage import CacheLock, Location, parse_location
+from stage1_embed.config import EmbedConfig
+from stage1_embed.executors import run_dask, run_local
+from stage1_embed.sources import ImageSource, plan_sources
+from stage1_embed.work import BatchResult, EncodeSpec, WorkItem
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class Plan:
+    """What a run must do: ``todo`` images; the others are already cached unchanged."""
+
+    total: int
+    todo: list[ImageSource]
+    cached: int
+    changed: int
+    retried: int
+
+
+@dataclass
+class RunSummary:
+    cache: str
+    total: int
+    cached_before: int
+    encoded: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_encoding: float = 0.0
+    model_loaded: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def hash_sources(sources: Sequence[ImageSource], progress: Progress | None = None) -> list[str]:
+    """sha256 of every image file ("" when it cannot be read: the batch records why)."""
+
+    def digest(source: ImageSource) -> str:
+        try:
+            return file_sha256(source.path)
+        except OSError:
+            return ""
+
+    out: list[str] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for i, value in enumerate(pool.map(digest, sources), start=1):
+            out.append(value)
+            if progress is not None and (i % 64 == 0 or i == len(sources)):
+                progress("hashing", i, len(sources))
+    return out
+
+
+def make_plan(location: Location, sources: Sequence[ImageSource], hashes: Sequence[str]) -> Plan:
+    """Compare the files with the manifest: winning ``ok`` rows with the same sha256 are done."""
+    manifest = read_manifest(location, ["image_id", "sha256", "status"]).to_pylist()
+    known = {r["image_id"]: r for r in manifest}
+    todo: list[ImageSource] = []
+    cached = changed = retried = 0
+    for source, sha in zip(sources, hashes, strict=True):
+        previous = known.get(source.image_id)
+        if previous is None:
+            todo.append(source)
+        elif previous["status"] != STATUS_OK:
+            retried += 1
+            todo.append(source)
+        elif previous["sha256"] != sha or not sha:
+            changed += 1
+            todo.append(source)
+        else:
+            cached += 1
+    return Plan(len(sources), todo, cached, changed, retried)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def _open_or_create(location: Location, config: EmbedConfig, ckpt: Path, sha: str) -> CacheAttrs:
+    if cache_exists(location):
+        cache = open_cache(location, read_only=False)
+        check_same_model(cache.attrs, config.model_type, sha, ckpt.name, where=location.display)
+        if cache.attrs.dtype != config.dtype:
+            raise ValueError(
+                f"{location.display} stores {cache.attrs.dtype} embeddings; --dtype "
+                f"{config.dtype} was given. Drop --dtype or write a new cache with --out."
+            )
+        return cache.attrs
+    attrs = CacheAttrs(
+        model_type=config.model_type,
+        checkpoint_sha256=sha,
+        checkpoint_name=ckpt.name,
+        checkpoint_path=str(ckpt.resolve()),
+        dtype=config.dtype,
+        created_at=utc_now(),
+        embed_config=config.to_dict(),
+    )
+    create_cache(location, attrs)
+    return attrs
+
+
+def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSummary:
+    """Run `embed run` for ``config``; raises ValueError/OSError subclasses for bad input."""
+    started = time.perf_counter()
+    sources = plan_sources(
+        Path(config.images),
+        recursive=config.recursive,
+        masks_dir=Path(config.masks) if config.masks else None,
+        mask_kind=config.mask_kind,
+        coco_json=Path(config.coco) if config.coco else None,
+    )
+    location = parse_location(config.out)
+    checkpoint = resolve_checkpoint(
+        config.model_type,
+        Path(config.checkpoint) if config.checkpoint else None,
+        download=config.download,
+    )
+    checkpoint_sha = file_sha256(checkpoint)
+    _ensure_writable(location)
+    with CacheLock(location, LOCK_NAME):
+        _open_or_create(location, config, checkpoint, checkpoint_sha)
+        remove_stale_temps(location)
+        plan = make_plan(location, sources, hash_sources(sources, progress))
+        summary = RunSummary(location.display, plan.total, plan.cached)
+        if plan.todo:
+            summary.model_loaded = True
+            _encode(config, location, checkpoint, checkpoint_sha, plan, summary, progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _encode(
+    config: EmbedConfig,
+    location: Location,
+    checkpoint: Path,
+    checkpoint_sha: str,
+    plan: Plan,
+    summary: RunSummary,
+    progress: Progress | None,
+) -> None:
+    from stage1_embed.encoder import resolve_precision
+
+    device = resolve_device(config.device)
+    rows = grow_embeddings(open_cache(location, read_only=False), len(plan.todo))
+    spec = EncodeSpec(
+        cache=location.display if not location.is_local else location.path,
+        model_type=config.model_type,
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=checkpoint_sha,
+        precision=resolve_precision(config.precision, device),
+        device=device,
+        batch_size=config.batch_size or (8 if device == "cuda" else 1),
+        max_pixels=config.max_pixels,
+        n_rows=rows.stop,
+    )
+    items = [WorkItem(source, row) for source, row in zip(plan.todo, rows, strict=True)]
+    done = 0
+    encode_started = time.perf_counter()
+
+    def on_done(result: BatchResult, n_images: int) -> None:
+        nonlocal done
+        done += n_images
+        summary.encoded += result.ok
+        summary.failed.extend(result.failed)
+        if progress is not None:
+            progress("encoding", done, len(items))
+
+    if config.workers == 1 and not config.scheduler:
+        run_local(spec, items, on_done)
+    else:
+        run_dask(
+            spec,
+            items,
+            on_done,
+            workers=config.workers,
+            scheduler=config.scheduler,
+            images_per_task=max(4, spec.batch_size),
+        )
+    summary.seconds_encoding = time.perf_counter() - encode_started
+
+
+def _ensure_writable(location: Location) -> None:
+    """Create the cache folder now, so an unwritable --out fails before any work."""
+    try:
+        location.fs.makedirs(location.path, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot write --out {location.display}: {exc.strerror or exc}") from exc
