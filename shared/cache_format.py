@@ -56,6 +56,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("row", pa.int64()),
         ("path", pa.string()),
         ("sha256", pa.string()),
+        ("annotation_sha256", pa.string()),
         ("original_height", pa.int32()),
         ("original_width", pa.int32()),
         ("input_height", pa.int32()),

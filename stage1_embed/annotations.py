@@ -20,6 +20,8 @@ as already upright, as cache_layout.md says. Objects with no pixel are dropped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from shared.hashing import file_sha256
 from shared.transforms import mask_to_target
 from stage1_embed.images import LoadedImage, orient_array
 from stage1_embed.sources import CocoRef, ImageSource
@@ -79,6 +82,26 @@ class Annotations:
 
 
 NO_ANNOTATIONS = Annotations(has_masks=False, objects=[])
+
+
+def annotation_fingerprint(source: ImageSource) -> str:
+    """sha256 of what defines the image's objects: mask file bytes or COCO entries, and the kind.
+
+    Stored per manifest row (``annotation_sha256``) so that a rerun re-does an image whose masks
+    were edited even though its pixels did not change. "" when the image has no annotation.
+    """
+    if not source.has_masks:
+        return ""
+    digest = hashlib.sha256(f"{source.source}:{source.mask_kind}".encode())
+    for path in (source.mask_path, source.class_mask_path):
+        if path is not None:
+            try:
+                digest.update(file_sha256(path).encode())
+            except OSError:
+                digest.update(b"unreadable")
+    if source.coco is not None:
+        digest.update(json.dumps(source.coco.annotations, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def load_annotations(

@@ -29,6 +29,7 @@ from shared.cache_io import (
 from shared.hashing import file_sha256
 from shared.sam_models import resolve_checkpoint
 from shared.storage import CacheLock, Location, parse_location
+from stage1_embed.annotations import annotation_fingerprint
 from stage1_embed.config import EmbedConfig
 from stage1_embed.executors import run_dask, run_local
 from stage1_embed.sources import ImageSource, plan_sources
@@ -64,16 +65,19 @@ class RunSummary:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
 
-def hash_sources(sources: Sequence[ImageSource], progress: Progress | None = None) -> list[str]:
-    """sha256 of every image file ("" when it cannot be read: the batch records why)."""
+def hash_sources(
+    sources: Sequence[ImageSource], progress: Progress | None = None
+) -> list[tuple[str, str]]:
+    """(image sha256, annotation sha256) of every source; "" for a file that cannot be read."""
 
-    def digest(source: ImageSource) -> str:
+    def digest(source: ImageSource) -> tuple[str, str]:
         try:
-            return file_sha256(source.path)
+            image = file_sha256(source.path)
         except OSError:
-            return ""
+            image = ""
+        return image, annotation_fingerprint(source)
 
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for i, value in enumerate(pool.map(digest, sources), start=1):
             out.append(value)
@@ -82,20 +86,26 @@ def hash_sources(sources: Sequence[ImageSource], progress: Progress | None = Non
     return out
 
 
-def make_plan(location: Location, sources: Sequence[ImageSource], hashes: Sequence[str]) -> Plan:
-    """Compare the files with the manifest: winning ``ok`` rows with the same sha256 are done."""
-    manifest = read_manifest(location, ["image_id", "sha256", "status"]).to_pylist()
+def make_plan(
+    location: Location, sources: Sequence[ImageSource], hashes: Sequence[tuple[str, str]]
+) -> Plan:
+    """Compare with the manifest: winning ``ok`` rows with the same image and masks are done."""
+    columns = ["image_id", "sha256", "annotation_sha256", "status"]
+    manifest = read_manifest(location, columns).to_pylist()
     known = {r["image_id"]: r for r in manifest}
     todo: list[ImageSource] = []
     cached = changed = retried = 0
-    for source, sha in zip(sources, hashes, strict=True):
+    for source, (sha, annotation_sha) in zip(sources, hashes, strict=True):
         previous = known.get(source.image_id)
         if previous is None:
             todo.append(source)
         elif previous["status"] != STATUS_OK:
             retried += 1
             todo.append(source)
-        elif previous["sha256"] != sha or not sha:
+        elif not sha or (previous["sha256"], previous["annotation_sha256"]) != (
+            sha,
+            annotation_sha,
+        ):
             changed += 1
             todo.append(source)
         else:

@@ -19,7 +19,7 @@ from shared.cache_format import STATUS_FAILED, STATUS_OK
 from shared.cache_io import commit_fragment, manifest_table, open_cache, write_embedding
 from shared.storage import parse_location
 from shared.transforms import prepare_image
-from stage1_embed.annotations import AnnotationError, load_annotations
+from stage1_embed.annotations import AnnotationError, annotation_fingerprint, load_annotations
 from stage1_embed.images import ImageReadError, read_image
 from stage1_embed.sources import ImageSource
 
@@ -135,6 +135,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "row": prepared.item.row if ok else -1,
         "path": str(source.path),
         "sha256": prepared.sha256,
+        "annotation_sha256": annotation_fingerprint(source),
         "original_height": height,
         "original_width": width,
         "input_height": prepared.input_size[0],

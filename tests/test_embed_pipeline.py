@@ -222,3 +222,23 @@ def test_dask_workers_give_the_same_cache(tmp_path, tiny_checkpoint) -> None:
         np.testing.assert_array_equal(
             a.embeddings[rows_a[image_id]], b.embeddings[rows_b[image_id]]
         )
+
+
+def test_edited_mask_is_reencoded(tmp_path, voc_sample_dir, tiny_checkpoint) -> None:
+    voc = tmp_path / "VOC2007"
+    shutil.copytree(voc_sample_dir, voc)
+    out = tmp_path / "c.zarr"
+    run_embed(_config(voc / "JPEGImages", out, tiny_checkpoint))
+    mask_path = voc / "SegmentationObject" / "000039.png"
+    mask = Image.open(mask_path)
+    pixels = np.array(mask)
+    pixels[pixels == 1] = 0  # the annotator removed instance 1
+    edited = Image.fromarray(pixels, mode="P")
+    edited.putpalette(mask.getpalette())
+    edited.save(mask_path)
+    summary = run_embed(_config(voc / "JPEGImages", out, tiny_checkpoint))
+    assert (summary.encoded, summary.cached_before) == (1, 4)
+    row = next(
+        r for r in read_manifest(parse_location(out)).to_pylist() if r["image_id"] == "000039"
+    )
+    assert 1 not in {o["instance_id"] for o in row["objects"]}
