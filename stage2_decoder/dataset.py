@@ -1,0 +1,327 @@
+"""Batches of objects read from a cache: the train/val split, training and validation batches.
+
+A *training batch* is one micro-step: ``images_per_step`` images in the epoch's order, each image
+embedding read once, and up to ``objects_per_image`` objects of each (B objects in all, gathered
+by ``image_index``). It is a pure function of ``(seed, epoch, micro)``: the image order comes
+from ``(seed, epoch)`` and the objects from ``(seed, epoch, micro)``, so the batches do not
+depend on the number of DataLoader workers, nor on where a run was resumed. Only the manifest
+columns (Arrow, shared copy-on-write by forked workers) stay in memory; embeddings are read per
+batch, so memory does not grow with the cache.
+
+Frames: targets and valid masks are in the 256 target frame, ``boxes_1024`` XYXY in the 1024
+frame, ``masks_orig`` in the original frame (see cache_layout.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from pycocotools import mask as mask_utils
+
+from shared.cache_format import TARGET_SIZE
+from shared.cache_io import ok_rows, open_cache, read_embeddings
+from shared.transforms import boxes_to_1024, target_valid_size
+
+COLUMNS = [
+    "image_id", "row", "original_height", "original_width", "input_height", "input_width",
+    "split", "has_masks", "n_objects", "objects", "ignore_rle", "ignore_target_rle",
+]  # fmt: skip
+STREAM_SPLIT, STREAM_ORDER, STREAM_OBJECTS, STREAM_PROMPTS = 1, 2, 3, 4
+EMPTY_TARGET_RLE = mask_utils.encode(np.zeros((TARGET_SIZE, TARGET_SIZE), np.uint8, order="F"))[
+    "counts"
+].decode("ascii")
+
+
+class DataError(ValueError):
+    """The cache cannot give what training needs; the message says what to do."""
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed mixed from ``seed`` and ``keys`` (numpy's SeedSequence): no history."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def generator_for(seed: int, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded by ``derive_seed(seed, *keys)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+def decode_rle(counts: str | None, height: int, width: int) -> np.ndarray:
+    """A COCO compressed RLE string as a bool (height, width) mask (None: all False)."""
+    if not counts:
+        return np.zeros((height, width), dtype=bool)
+    return mask_utils.decode({"size": [height, width], "counts": counts.encode()}).astype(bool)
+
+
+# --------------------------------------------------------------------------- the split
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images of each split (manifest rows, ``COLUMNS``) and how the split was made."""
+
+    train: pa.Table
+    val: pa.Table
+    how: str
+
+
+def _object_counts(images: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: number of objects, number with a non-empty 256 target (trainable)."""
+    objects = images.column("objects").combine_chunks()
+    counts = pc.fill_null(pc.list_value_length(objects), 0).to_numpy(zero_copy_only=False)
+    target = pc.struct_field(pc.list_flatten(objects), "target_rle")
+    trainable = pc.fill_null(pc.not_equal(target, EMPTY_TARGET_RLE), False).to_numpy(
+        zero_copy_only=False
+    )
+    ends = np.cumsum(counts).astype(np.int64)
+    cumulative = np.concatenate([[0], np.cumsum(trainable.astype(np.int64))])
+    per_image = cumulative[ends] - cumulative[ends - counts]
+    return counts.astype(np.int64), np.asarray(per_image, dtype=np.int64)
+
+
+def load_split(cache_path: str, val_fraction: float, seed: int) -> Split:
+    """Train and val images of a cache; errors say what to do.
+
+    The manifest's ``split`` column decides when it names both ``train`` and ``val`` images
+    (PASCAL VOC); otherwise a seeded ``val_fraction`` of the images with objects is held out.
+    Train keeps images with at least one non-empty target; val every image with an object
+    (objects too small for the 256 frame are still evaluated at full resolution).
+    """
+    cache = open_cache(cache_path)
+    table = ok_rows(cache.location, COLUMNS)
+    if table.num_rows == 0:
+        raise DataError(
+            f"{cache.name} holds no encoded images (no `ok` rows); "
+            f"run `embed run --images DIR --out {cache.name}` first"
+        )
+    table = table.filter(pc.fill_null(table.column("has_masks"), False))
+    if table.num_rows == 0:
+        raise DataError(
+            f"{cache.name} was made without masks: run `embed run --masks/--coco` "
+            "or use a VOC layout"
+        )
+    counts, trainable = _object_counts(table)
+    split = table.column("split").to_pylist()
+    if "train" in split and "val" in split:
+        train_mask = np.array([s == "train" for s in split])
+        val_mask = np.array([s == "val" for s in split])
+        how = "the manifest's split column (train / val)"
+    else:
+        train_mask, val_mask = _random_split(counts > 0, val_fraction, seed)
+        how = f"a random {val_fraction:.0%} of the images (seed {seed})"
+    train = table.filter(pa.array(train_mask & (trainable > 0)))
+    val = table.filter(pa.array(val_mask & (counts > 0)))
+    for name, part in (("train", train), ("val", val)):
+        if part.num_rows == 0:
+            raise DataError(
+                f"the {name} split of {cache.name} has no objects ({how}; {int(counts.sum())} "
+                "objects in all): add annotated images or change --val-fraction"
+            )
+    return Split(train, val, how)
+
+
+def _random_split(has_objects: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Disjoint train / val masks over images with objects; ``max(1, round(n·fraction))`` val."""
+    candidates = np.flatnonzero(has_objects)
+    if len(candidates) < 2:
+        raise DataError(
+            f"{len(candidates)} image(s) with objects: at least 2 are needed to hold out a "
+            "validation split"
+        )
+    n_val = min(len(candidates) - 1, max(1, round(len(candidates) * fraction)))
+    order = torch.randperm(len(candidates), generator=generator_for(seed, STREAM_SPLIT)).numpy()
+    val = np.zeros(len(has_objects), dtype=bool)
+    val[candidates[order[:n_val]]] = True
+    return has_objects & ~val, val
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class ObjectBatch:
+    """B objects of I images in the target frame; what training and validation feed the model.
+
+    image_embeddings (I, 256, 64, 64) in storage dtype; image_index (B,) int64; targets and
+    valid (B, 256, 256) bool; boxes_1024 (B, 4) float32 XYXY (exact, from the manifest bbox);
+    per image ``input_sizes`` and ``original_sizes`` (H, W). Validation batches also carry
+    ``masks_orig`` (H, W) bool per object and ``ignore_orig`` (H, W) bool per image.
+    """
+
+    image_embeddings: torch.Tensor
+    image_index: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+    boxes_1024: torch.Tensor
+    epoch: int = 0
+    micro: int = 0
+    read_seconds: float = 0.0
+    input_sizes: list[tuple[int, int]] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    masks_orig: list[torch.Tensor] = field(default_factory=list)
+    ignore_orig: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def n_objects(self) -> int:
+        return int(self.image_index.shape[0])
+
+    def object_input_sizes(self) -> torch.Tensor:
+        """(B, 2) int64: the input_size (H, W) of each object's image."""
+        return torch.tensor(self.input_sizes, dtype=torch.int64).reshape(-1, 2)[self.image_index]
+
+    def pin_memory(self) -> ObjectBatch:  # DataLoader(pin_memory=True) calls this
+        self.image_embeddings = self.image_embeddings.pin_memory()
+        return self
+
+
+class _CacheReader:
+    """Reads embedding rows; opens the cache once per process (forked workers reopen it)."""
+
+    def __init__(self, cache_path: str, images: pa.Table) -> None:
+        self.cache_path = cache_path
+        self.images = images.combine_chunks()
+        self._array = None
+        self._pid = -1
+
+    def embeddings(self, positions: list[int]) -> tuple[torch.Tensor, float]:
+        if self._array is None or self._pid != os.getpid():
+            self._array, self._pid = open_cache(self.cache_path).embeddings, os.getpid()
+        rows = [int(self.images.column("row")[p].as_py()) for p in positions]
+        start = time.perf_counter()
+        array = read_embeddings(self._array, rows)
+        return torch.from_numpy(array), time.perf_counter() - start
+
+    def image(self, position: int) -> dict:
+        return self.images.slice(position, 1).to_pylist()[0]
+
+
+def _valid_region(record: dict) -> np.ndarray:
+    """Bool 256×256: inside the top-left ceil(input/4) region and not void."""
+    size = (record["input_height"], record["input_width"])
+    valid = np.zeros((TARGET_SIZE, TARGET_SIZE), dtype=bool)
+    height, width = target_valid_size(size)
+    valid[:height, :width] = True
+    return valid & ~decode_rle(record["ignore_target_rle"], TARGET_SIZE, TARGET_SIZE)
+
+
+def _box_1024(bbox: list[float], original_size: tuple[int, int]) -> np.ndarray:
+    x, y, w, h = bbox
+    return boxes_to_1024(np.array([x, y, x + w, y + h], dtype=np.float64), original_size)
+
+
+def _stack(batch_parts: dict[str, list], embeddings: torch.Tensor, seconds: float) -> dict:
+    return {
+        "image_embeddings": embeddings,
+        "image_index": torch.tensor(batch_parts["image_index"], dtype=torch.int64),
+        "targets": torch.from_numpy(np.stack(batch_parts["targets"])),
+        "valid": torch.from_numpy(np.stack(batch_parts["valid"])),
+        "boxes_1024": torch.from_numpy(np.stack(batch_parts["boxes"]).astype(np.float32)),
+        "read_seconds": seconds,
+    }
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item ``g`` = micro-batch ``g % per_epoch`` of epoch ``g // per_epoch`` (an ObjectBatch).
+
+    For data parallelism later: a micro-batch takes ``images_per_step * world_size`` images of
+    the epoch's order and rank ``r`` keeps every ``world_size``-th of them from ``r``.
+    """
+
+    def __init__(
+        self, cache_path: str, images: pa.Table, *, images_per_step: int,
+        objects_per_image: int, seed: int, epochs: int, rank: int = 0, world_size: int = 1,
+    ) -> None:  # fmt: skip
+        self.reader = _CacheReader(cache_path, images)
+        self.images_per_step, self.objects_per_image = images_per_step, objects_per_image
+        self.seed, self.epochs, self.rank, self.world_size = seed, epochs, rank, world_size
+        self.per_epoch = math.ceil(images.num_rows / (images_per_step * world_size))
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.epochs
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Positions of the train images in ``epoch``'s order (from ``(seed, epoch)`` only)."""
+        if self._order is None or self._order[0] != epoch:
+            generator = generator_for(self.seed, STREAM_ORDER, epoch)
+            n_images = self.reader.images.num_rows
+            self._order = (epoch, torch.randperm(n_images, generator=generator).numpy())
+        return self._order[1]
+
+    def positions(self, epoch: int, micro: int) -> list[int]:
+        span = self.images_per_step * self.world_size
+        chosen = self.order(epoch)[micro * span : (micro + 1) * span]
+        return [int(p) for p in chosen[self.rank :: self.world_size]]
+
+    def __getitem__(self, index: int) -> ObjectBatch:
+        epoch, micro = divmod(int(index), self.per_epoch)
+        positions = self.positions(epoch, micro)
+        generator = generator_for(self.seed, STREAM_OBJECTS, epoch, micro)
+        parts: dict[str, list] = {"image_index": [], "targets": [], "valid": [], "boxes": []}
+        sizes: dict[str, list] = {"input_sizes": [], "original_sizes": []}
+        for i, position in enumerate(positions):
+            record = self.reader.image(position)
+            original_size = (record["original_height"], record["original_width"])
+            sizes["input_sizes"].append((record["input_height"], record["input_width"]))
+            sizes["original_sizes"].append(original_size)
+            trainable = [o for o in record["objects"] if o["target_rle"] != EMPTY_TARGET_RLE]
+            pick = torch.randperm(len(trainable), generator=generator)[: self.objects_per_image]
+            valid = _valid_region(record)
+            for j in pick.tolist():
+                target = decode_rle(trainable[j]["target_rle"], TARGET_SIZE, TARGET_SIZE)
+                if not target.any():  # a non-canonical empty RLE: skip, as the index does
+                    continue
+                parts["image_index"].append(i)
+                parts["targets"].append(target)
+                parts["valid"].append(valid)
+                parts["boxes"].append(_box_1024(trainable[j]["bbox"], original_size))
+        embeddings, seconds = self.reader.embeddings(positions)
+        return ObjectBatch(**_stack(parts, embeddings, seconds), epoch=epoch, micro=micro, **sizes)
+
+
+class ValBatches(torch.utils.data.Dataset):
+    """Item ``i`` = the ``i``-th group of ``images_per_batch`` val images, every object.
+
+    Deterministic (no randomness). Objects with an empty 256 target are included (their
+    ``targets`` are all False); validation leaves them out of the loss, not out of the mIoU.
+    """
+
+    def __init__(self, cache_path: str, images: pa.Table, images_per_batch: int) -> None:
+        self.reader = _CacheReader(cache_path, images)
+        self.images_per_batch = images_per_batch
+
+    def __len__(self) -> int:
+        return math.ceil(self.reader.images.num_rows / self.images_per_batch)
+
+    def __getitem__(self, index: int) -> ObjectBatch:
+        start = index * self.images_per_batch
+        positions = list(range(start, min(start + self.images_per_batch, len(self.reader.images))))
+        parts: dict[str, list] = {"image_index": [], "targets": [], "valid": [], "boxes": []}
+        extra: dict[str, list] = {k: [] for k in ("input", "original", "masks", "ignore")}
+        for i, position in enumerate(positions):
+            record = self.reader.image(position)
+            h, w = record["original_height"], record["original_width"]
+            valid = _valid_region(record)
+            extra["input"].append((record["input_height"], record["input_width"]))
+            extra["original"].append((h, w))
+            extra["ignore"].append(torch.from_numpy(decode_rle(record["ignore_rle"], h, w)))
+            for obj in record["objects"]:
+                parts["image_index"].append(i)
+                parts["targets"].append(decode_rle(obj["target_rle"], TARGET_SIZE, TARGET_SIZE))
+                parts["valid"].append(valid)
+                parts["boxes"].append(_box_1024(obj["bbox"], (h, w)))
+                extra["masks"].append(torch.from_numpy(decode_rle(obj["rle"], h, w)))
+        embeddings, seconds = self.reader.embeddings(positions)
+        return ObjectBatch(
+            **_stack(parts, embeddings, seconds), input_sizes=extra["input"],
+            original_sizes=extra["original"], masks_orig=extra["masks"],
+            ignore_orig=extra["ignore"],
+        )  # fmt: skip

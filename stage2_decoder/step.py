@@ -1,0 +1,157 @@
+"""One training micro-step: SAM's interactive prompt iterations on a batch of objects.
+
+Iteration 0 gives each object its first prompt (``--prompts``: one point, a noisy box, or 50/50;
+prompts.py). Each later iteration feeds the previous low-res logits back as ``mask_input``
+(detached; the mask with the highest predicted IoU for multimask objects) and, except on the
+*mask-only* iterations, adds one click sampled uniformly from the error region. SAM's recipe is
+11 iterations: 1 + 8 clicks + 2 mask-only (the last one and one at a random position).
+Multimask output (3 masks, only the lowest-loss one backpropagated) is used where the prompt is
+ambiguous: exactly one point, no box, no mask.
+
+Backward runs after every iteration. The mask fed forward is detached, so iteration k's graph
+is independent of the others: gradients accumulated over k equal one backward of the sum, while
+only one iteration's activations are alive at a time (≈ 1/iterations of the memory).
+
+Loss is computed in the 256 target frame: the decoder's native output, the frame of
+``mask_input``, and 16× fewer pixels than the 1024 frame (evaluation is at full resolution).
+All randomness comes from the ``generator`` passed in (derived from the seed and the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from stage2_decoder.dataset import ObjectBatch
+from stage2_decoder.losses import mask_for_next_iteration, sam_loss
+from stage2_decoder.model import PromptableDecoder
+from stage2_decoder.prompts import sample_error_clicks, sample_first_prompts
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the loss parts."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a micro-step needs from TrainConfig (kept small so tests can build it)."""
+
+    prompt_mode: str = "point,box"  # "point", "box" or "point,box" (prompts.py)
+    iterations: int = 11
+    loss: str = "focal_dice"
+
+
+@dataclass
+class StepResult:
+    """Means over the iterations of the batch loss and its parts (floats), and counts."""
+
+    loss: float
+    parts: dict[str, float] = field(default_factory=dict)
+    n_objects: int = 0
+    prompt_iterations: int = 0
+
+
+def mask_only_iterations(iterations: int, generator: torch.Generator) -> set[int]:
+    """Iterations (1-based among the corrective ones) that add no click, only the mask.
+
+    SAM: with 11 iterations, the last one and one at a random position among 1..9. With 3
+    iterations only the last; with fewer, none (every corrective iteration adds a click). One
+    random number is drawn whatever ``iterations`` is, keeping the stream aligned.
+    """
+    draw = float(torch.rand((), generator=generator, device=generator.device))
+    if iterations < 3:
+        return set()
+    chosen = {iterations - 1}
+    if iterations >= 4:
+        chosen.add(1 + min(iterations - 3, math.floor(draw * (iterations - 2))))
+    return chosen
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for bf16 / fp16, a no-op for fp32 (precision already resolved)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _to(batch: ObjectBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "image_embeddings": batch.image_embeddings.to(device, non_blocking=True),
+        "image_index": batch.image_index.to(device),
+        "targets": batch.targets.to(device),
+        "valid": batch.valid.to(device),
+        "boxes_1024": batch.boxes_1024.to(device),
+        "input_sizes": batch.object_input_sizes().to(device),
+    }
+
+
+def _check_finite(value: torch.Tensor, parts: dict[str, torch.Tensor], where: str) -> None:
+    if torch.isfinite(value):
+        return
+    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
+    raise NonFiniteLossError(
+        f"loss is {float(value.detach())} at {where} ({shown}); lower --lr, keep --grad-clip "
+        "on, or use --precision fp32"
+    )
+
+
+def interactive_step(
+    model: PromptableDecoder,
+    batch: ObjectBatch,
+    settings: StepSettings,
+    generator: torch.Generator,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    loss_scale: float = 1.0,
+    scaler: torch.amp.GradScaler | None = None,
+    where: str = "step ?",
+) -> StepResult:
+    """Run ``settings.iterations`` prompt iterations on ``batch`` with backward after each.
+
+    The loss of iteration k is multiplied by ``loss_scale / iterations`` before backward (the
+    caller passes 1 / micro-steps per optimizer step), so gradients are those of the mean.
+    ``generator`` must live on ``device``. Raises NonFiniteLossError naming ``where``.
+    """
+    if batch.n_objects == 0:  # nothing to learn from (cannot happen with load_split's images)
+        return StepResult(0.0)
+    data = _to(batch, device)
+    targets, valid = data["targets"], data["valid"]
+    coords, labels, multimask = sample_first_prompts(
+        targets, valid, data["boxes_1024"], generator,
+        mode=settings.prompt_mode, input_size=data["input_sizes"],
+    )  # fmt: skip
+    mask_only = mask_only_iterations(settings.iterations, generator)
+    mask_input: torch.Tensor | None = None
+    totals: dict[str, float] = {}
+    for k in range(settings.iterations):
+        with autocast(device, precision):
+            logits, iou_pred = model(
+                data["image_embeddings"], data["image_index"], coords, labels, mask_input
+            )
+        out = sam_loss(logits, iou_pred, targets, valid, multimask, kind=settings.loss)
+        _check_finite(out.loss, out.parts, f"{where}, prompt iteration {k}")
+        scaled = out.loss * (loss_scale / settings.iterations)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for name, value in {"loss": out.loss, **out.parts}.items():
+            totals[name] = totals.get(name, 0.0) + value.item()
+        totals.setdefault("iou_first", float(out.parts["iou"]))
+        totals["iou_last"] = float(out.parts["iou"])
+        if k + 1 == settings.iterations:
+            break
+        mask_input = mask_for_next_iteration(logits, iou_pred, multimask).float()
+        if k + 1 not in mask_only:
+            pred = mask_input[:, 0] > 0
+            new_coords, new_labels = sample_error_clicks(pred, targets, valid, generator)
+            coords = torch.cat([coords, new_coords.to(coords.dtype)], dim=1)
+            labels = torch.cat([labels, new_labels.to(labels.dtype)], dim=1)
+        multimask = torch.zeros_like(multimask)  # clicks or a mask make the prompt unambiguous
+    n = settings.iterations
+    means = {k: v / n for k, v in totals.items() if k not in ("iou_first", "iou_last")}
+    means.update(iou_first=totals["iou_first"], iou_last=totals["iou_last"])
+    loss = means.pop("loss")
+    return StepResult(loss, means, batch.n_objects, batch.n_objects * n)
