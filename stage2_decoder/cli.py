@@ -1,0 +1,213 @@
+"""The `decoder` command (stage 2). One function per sub-command; `train` is here so far.
+
+Thin: options → ``TrainConfig`` → ``train.train``; errors a user can fix become one line
+(exit 2), a non-finite loss too (exit 3), Ctrl-C says how to resume (exit 130).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+app = typer.Typer(
+    help="Stage 2 of samcache: fine-tune SAM's mask decoder from an embedding cache.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors(out: str | None = None) -> Iterator[None]:
+    """Known errors → one line without a traceback."""
+    from stage2_decoder.step import NonFiniteLossError
+
+    try:
+        yield
+    except NonFiniteLossError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
+    except (ValueError, OSError) as exc:  # config, cache, checkpoint and resume errors
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        hint = f" --out {out}" if out else ""
+        console.print(f"interrupted; continue with `decoder train{hint} … --resume`")
+        raise typer.Exit(130) from None
+
+
+class RichProgress:
+    """A rich progress bar over optimizer steps showing loss, lr and prompt-iterations/s."""
+
+    def __init__(self) -> None:
+        columns = (
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self.bar = Progress(*columns, console=console, disable=not console.is_terminal)
+        self.task: Any = None
+
+    def start(self, total: int, completed: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=completed, info="")
+
+    def advance(self, step: int, fields: dict[str, float]) -> None:
+        info = None
+        if "loss" in fields:
+            info = (
+                f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  "
+                f"{fields['prompt_it_per_s']:.1f} prompt-it/s"
+            )
+        self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+
+    def message(self, text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _warn(text: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+
+
+@app.callback()
+def _decoder() -> None:
+    """Stage 2 of samcache: fine-tune SAM's mask decoder from an embedding cache."""
+
+
+def _explicit_options(ctx: typer.Context) -> set[str]:
+    """Names of the options the user typed (or set through the environment)."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: typer may bring its own click
+    return {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in given}
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    cache: Annotated[str, typer.Option(help="Cache made by `embed run` (with masks).")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png."),
+    ],
+    prompts: Annotated[
+        str, typer.Option(help="First prompt kinds: point, box or point,box (50/50).")
+    ] = "point,box",
+    epochs: Annotated[int, typer.Option(help="Passes over the train images.")] = 20,
+    iterations: Annotated[
+        int,
+        typer.Option(help="Prompt iterations per object (SAM: 11 = 1 + 8 clicks + 2 mask-only)."),
+    ] = 11,
+    images_per_step: Annotated[
+        int, typer.Option(help="Images per micro-batch (each embedding read once).")
+    ] = 8,
+    objects_per_image: Annotated[
+        int, typer.Option(help="Objects per image and step (at most).")
+    ] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.01,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Linear warm-up steps; -1: min(250, 5% of steps).")
+    ] = -1,
+    min_lr_ratio: Annotated[
+        float, typer.Option(help="Cosine decay ends at this fraction of --lr.")
+    ] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")] = 1.0,
+    loss: Annotated[
+        str, typer.Option(help="focal_dice (20·focal + dice, SAM) or bce_dice; + IoU-head MSE.")
+    ] = "focal_dice",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 where supported), fp32, bf16, fp16 (CUDA).")
+    ] = "auto",
+    train_prompt_encoder: Annotated[
+        bool, typer.Option(help="Also train the prompt encoder (frozen by default).")
+    ] = False,
+    val_fraction: Annotated[
+        float, typer.Option(help="Held-out images when the cache has no train/val split.")
+    ] = 0.1,
+    seed: Annotated[
+        int, typer.Option(help="Seed of every random choice (data order, objects, prompts).")
+    ] = 0,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="The SAM checkpoint the cache was made with, if it moved."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    num_workers: Annotated[
+        int, typer.Option(help="DataLoader worker processes reading the cache.")
+    ] = 2,
+    log_every: Annotated[int, typer.Option(help="Write a metrics line every N steps.")] = 10,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Also write last.pt every N steps (0: at epoch ends only).")
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last.pt.")
+    ] = False,
+) -> None:
+    """Fine-tune the mask decoder on the cache's objects; validate and checkpoint every epoch."""
+    from stage2_decoder.config import TrainConfig
+    from stage2_decoder.train import train as run_training
+
+    progress = RichProgress()
+    with user_errors(str(out)):
+        config = TrainConfig(
+            cache=cache, out=str(out), prompts=prompts, epochs=epochs, iterations=iterations,
+            images_per_step=images_per_step, objects_per_image=objects_per_image,
+            grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio, grad_clip=grad_clip, loss=loss, precision=precision,
+            train_prompt_encoder=train_prompt_encoder, val_fraction=val_fraction, seed=seed,
+            checkpoint=str(checkpoint) if checkpoint else None, device=device,
+            num_workers=num_workers, log_every=log_every, checkpoint_every=checkpoint_every,
+            resume=resume,
+        )  # fmt: skip
+        try:
+            summary = run_training(
+                config, explicit=_explicit_options(ctx), progress=progress, warn=_warn
+            )
+        finally:
+            progress.stop()
+    Console().print(
+        f"{summary.out}: {summary.steps} steps in {summary.seconds:.1f} s; best val mIoU "
+        f"{summary.best_miou:.3f}; {summary.prompt_iterations_per_s:.2f} prompt-iterations/s, "
+        f"{summary.embeddings_per_s:.0f} embeddings/s read",
+        highlight=False,
+    )
+
+
+# Commands after training, defined in their own modules (registration only).
+from stage2_decoder.amg import amg_command  # noqa: E402
+from stage2_decoder.eval_report import eval_command  # noqa: E402
+from stage2_decoder.export import export_command  # noqa: E402
+from stage2_decoder.predict import predict_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command("predict")(predict_command)
+app.command("amg")(amg_command)
+app.command("export")(export_command)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
