@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -33,20 +34,23 @@ console = Console(stderr=True)
 
 @contextmanager
 def user_errors(out: str | None = None) -> Iterator[None]:
-    """Known errors → one line without a traceback."""
+    """Known errors → one line without a traceback (exit 2; 3 for a non-finite loss).
+
+    ``out``: the run folder of `decoder train`, named in the resume hint after Ctrl-C.
+    """
     from stage2_decoder.step import NonFiniteLossError
 
     try:
         yield
     except NonFiniteLossError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3) from None
     except (ValueError, OSError) as exc:  # config, cache, checkpoint and resume errors
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        hint = f" --out {out}" if out else ""
-        console.print(f"interrupted; continue with `decoder train{hint} … --resume`")
+        hint = f"; continue with `decoder train --out {out} … --resume`" if out else ""
+        console.print(f"interrupted{escape(hint)}", highlight=False)
         raise typer.Exit(130) from None
 
 
