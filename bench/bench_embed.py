@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shared.cache_io import open_cache, read_manifest  # noqa: E402
+from shared.checkpoint_files import make_random_checkpoint  # noqa: E402
 from shared.hashing import file_sha256  # noqa: E402
-from shared.sam_models import build_sam, make_random_checkpoint  # noqa: E402
+from shared.sam_models import build_sam  # noqa: E402
 from stage1_embed.synthetic import make_synthetic_voc  # noqa: E402
 from tests.meta_reference import meta_predictor_class  # noqa: E402
 

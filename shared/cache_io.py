@@ -36,6 +36,7 @@ from shared.cache_format import (
     CacheAttrs,
     CacheFormatError,
 )
+from shared.files import atomic_write
 from shared.storage import Location, parse_location
 
 
@@ -170,23 +171,12 @@ def commit_fragment(location: Location, table: pa.Table) -> str:
         pq.write_table(table, sink)
         location.fs.pipe_file(f"{manifest_dir}/{name}", sink.getvalue().to_pybytes())
         return name
-    os.makedirs(manifest_dir, exist_ok=True)
-    temp = os.path.join(manifest_dir, f"{TEMP_PREFIX}{name}")
-    with open(temp, "wb") as handle:
-        pq.write_table(table, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, os.path.join(manifest_dir, name))
-    _fsync_dir(manifest_dir)
+    atomic_write(
+        Path(manifest_dir) / name,
+        lambda handle: pq.write_table(table, handle),
+        temp_prefix=TEMP_PREFIX,
+    )
     return name
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temps(location: Location) -> int:

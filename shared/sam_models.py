@@ -16,22 +16,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 import pickle
 import sys
 import types
-import urllib.request
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO
 
 import torch
 from torch import nn
-
-from shared.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -365,131 +359,3 @@ def build_prompt_and_mask_decoder(
     _load_strict(prompt_encoder, _strip_prefix(kept, "prompt_encoder."), path)
     _load_strict(mask_decoder, _strip_prefix(kept, "mask_decoder."), path)
     return prompt_encoder.eval(), mask_decoder.eval()
-
-
-# --------------------------------------------------------------------------- checkpoint files
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temp file beside ``path``, fsync, then ``os.replace`` it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def make_random_checkpoint(model_type: str, path: str | Path, seed: int = 0) -> Path:
-    """Save a randomly initialised ``Sam`` of ``model_type`` in Meta's official format, atomically.
-
-    The file is a plain ``Sam`` state dict with the same keys as Meta's files (Meta's
-    ``sam_model_registry[...](checkpoint=path)`` loads it). Same seed → same bytes. The global
-    torch RNG is left untouched (``torch.random.fork_rng``). Random weights: NOT pretrained.
-    """
-    spec = get_model_spec(model_type)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state_dict = _new_sam(spec).state_dict()
-    _atomic_write(Path(path), partial(torch.save, state_dict))
-    return Path(path)
-
-
-def default_checkpoint_dir() -> Path:
-    """Where checkpoints are looked for (under their official file names) and downloaded to.
-
-    ``$SAMCACHE_HOME/checkpoints`` if ``SAMCACHE_HOME`` is set, else
-    ``~/.cache/samcache/checkpoints``.
-    """
-    home = os.environ.get("SAMCACHE_HOME")
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "samcache"
-    return root / "checkpoints"
-
-
-def ensure_random_checkpoint(
-    model_type: str = "vit_tiny_random", directory: Path | None = None
-) -> Path:
-    """The seed-0 random (NOT pretrained) checkpoint of ``model_type`` in ``directory``.
-
-    Generated (deterministically) when missing; ``directory`` defaults to
-    ``default_checkpoint_dir()``. File: ``samcache_<model_type>_random_seed0.pth`` for Meta's
-    types, the spec's name (``samcache_vit_tiny_random_seed0.pth``) for ``vit_tiny_random``.
-    """
-    spec = get_model_spec(model_type)
-    name = f"samcache_{model_type}_random_seed0.pth" if spec.pretrained else spec.checkpoint_name
-    path = (default_checkpoint_dir() if directory is None else Path(directory)) / name
-    if not path.is_file():
-        log.info("generating random (NOT pretrained) %s checkpoint at %s", model_type, path)
-        make_random_checkpoint(model_type, path, seed=0)
-    return path
-
-
-def _download_url(url: str, out: IO[bytes], timeout_s: float = 60.0) -> None:
-    """Stream ``url`` into the open binary file ``out`` (tests replace this function)."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        while block := response.read(1 << 20):
-            out.write(block)
-
-
-def _download_checkpoint(spec: SamModelSpec, directory: Path) -> Path:
-    """Download ``spec``'s file into ``directory``; it appears only once its sha256 matches."""
-    url, target = str(spec.url), directory / spec.checkpoint_name
-    hint = f"download it from {url} and pass --checkpoint PATH, or put it in {directory}"
-    digest: list[str] = []
-
-    def write(out: IO[bytes]) -> None:
-        _download_url(url, out)
-        out.flush()
-        digest.append(file_sha256(out.name))
-        if digest[0] != spec.sha256:
-            raise CheckpointError(
-                f"downloaded {spec.checkpoint_name} has sha256 {digest[0]}, expected "
-                f"{spec.sha256} (corrupt or changed download); {hint}"
-            )
-
-    log.info("downloading %s from %s", spec.checkpoint_name, url)
-    try:
-        _atomic_write(target, write)
-    except CheckpointError:
-        raise
-    except Exception as error:  # offline, HTTP error, disk full, …
-        raise CheckpointError(
-            f"could not download {spec.checkpoint_name} ({error}); {hint}"
-        ) from error
-    return target
-
-
-def resolve_checkpoint(
-    model_type: str,
-    checkpoint: str | Path | None,
-    *,
-    download: bool = True,
-    directory: Path | None = None,
-) -> Path:
-    """Path of the checkpoint file to use for ``model_type``.
-
-    1. ``checkpoint`` given: it must exist. 2. Else ``<directory>/<official file name>``
-    (``directory`` defaults to ``default_checkpoint_dir()``); such files are not re-hashed.
-    3. Else ``vit_tiny_random`` is generated there (seed 0, NOT pretrained) and Meta's models are
-    downloaded from Meta's URL (sha256 verified before the file appears) unless ``download`` is
-    False. Failures raise a CheckpointError saying what to pass.
-    """
-    spec = get_model_spec(model_type)
-    if checkpoint is not None:
-        return _existing_file(Path(checkpoint).expanduser())
-    directory = default_checkpoint_dir() if directory is None else Path(directory)
-    cached = directory / spec.checkpoint_name
-    if cached.is_file():
-        return cached
-    if not spec.pretrained:
-        return ensure_random_checkpoint(model_type, directory)
-    if not download:
-        raise CheckpointError(
-            f"{spec.checkpoint_name} is not in {directory} and downloading is off; download it "
-            f"from {spec.url} and pass --checkpoint PATH, or put it in {directory}"
-        )
-    return _download_checkpoint(spec, directory)

@@ -26,8 +26,8 @@ from shared.cache_io import (
     remove_stale_temps,
     utc_now,
 )
+from shared.checkpoint_files import resolve_checkpoint
 from shared.hashing import file_sha256
-from shared.sam_models import resolve_checkpoint
 from shared.storage import CacheLock, Location, parse_location
 from stage1_embed.annotations import annotation_fingerprint
 from stage1_embed.config import EmbedConfig

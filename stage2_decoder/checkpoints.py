@@ -7,10 +7,14 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads 
 - ``model``: the ``PromptableDecoder`` state dict, Meta's key names ``prompt_encoder.*`` and
   ``mask_decoder.*`` (loads into a SAM checkpoint's decoder side as is);
 - ``optimizer``, ``scaler`` (GradScaler state or None), ``schedule`` (step, warmup, total);
-- ``rng``: torch (CPU and CUDA), Python and numpy generator states. Training derives every
-  random number of step s from ``(seed, s)``, so these are saved for completeness only;
+- ``rng``: torch (CPU and the current CUDA device), Python and numpy generator states of rank
+  0. Training derives every random number of step s from ``(seed, s)``, so these are saved for
+  completeness only;
 - ``epoch`` (epochs finished), ``step`` (optimizer steps done), ``best_metric``, ``config``
-  (``TrainConfig.to_dict``), ``cache`` (model_type, checkpoint_sha256, checkpoint_name).
+  (``TrainConfig.to_dict``), ``cache`` (model_type, checkpoint_sha256, checkpoint_name),
+  ``world_size`` (processes that trained it; any number may resume it).
+
+Only rank 0 of a distributed run writes these files.
 
 Writes are atomic: a temp file in the same folder, fsync, ``os.replace``, fsync of the folder.
 """
@@ -18,15 +22,14 @@ Writes are atomic: a temp file in the same folder, fsync, ``os.replace``, fsync 
 from __future__ import annotations
 
 import json
-import os
 import random
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
+
+from shared.files import atomic_write
 
 CHECKPOINT_FORMAT = "samcache-decoder-train"
 CHECKPOINT_VERSION = 1
@@ -38,27 +41,6 @@ class ResumeError(ValueError):
     """A run cannot be resumed as asked; the message says what to do."""
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a temp file beside ``path``, fsync, ``os.replace``, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
 def write_json(path: str | Path, data: Any) -> Path:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda handle: handle.write(text.encode()))
@@ -68,22 +50,26 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """Generator states of torch (CPU, CUDA), Python and numpy as tensors and lists."""
+    """Generator states of torch (CPU, current CUDA device), Python and numpy.
+
+    Only the current CUDA device, and only once CUDA is in use: ``get_rng_state_all`` would
+    open a context on every visible GPU from every process of a multi-GPU run.
+    """
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "python": [version, list(internal), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``rng_state`` (CUDA states only when CUDA is available here)."""
+    """Inverse of ``rng_state`` (the CUDA state goes to the current device, if CUDA is in use)."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"][0])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

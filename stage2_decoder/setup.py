@@ -5,27 +5,39 @@ Stage 2 never builds the image encoder: the prompt encoder and mask decoder are 
 with. That file is found at ``--checkpoint``, else at the cache's ``checkpoint_path`` hint,
 else by ``resolve_checkpoint``'s cache-dir lookup, and accepted only when its sha256 equals the
 cache's ``checkpoint_sha256`` (``check_same_model`` names both otherwise).
+
+Several processes (``torchrun``): ``Distributed`` is the one place that knows rank and world
+size (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). It
+starts the process group (NCCL on CUDA with one GPU per process, ``cuda:LOCAL_RANK``; gloo on
+CPU), wraps the model in DistributedDataParallel and holds every other collective the run uses:
+rank 0 reads ``last.pt`` and sends it to the others, sums of metrics over the ranks. Only rank 0
+writes files.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
 from shared.cache_format import CacheAttrs, check_same_model
 from shared.cache_io import open_cache
+from shared.checkpoint_files import resolve_checkpoint
 from shared.hashing import file_sha256
 from shared.sam_models import (
     CheckpointError,
     build_prompt_and_mask_decoder,
     detect_model_type,
     load_state_dict,
-    resolve_checkpoint,
 )
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.config import ConfigError, TrainConfig, merge_resumed
@@ -33,17 +45,126 @@ from stage2_decoder.dataset import Split, load_split
 from stage2_decoder.model import PromptableDecoder
 from stage2_decoder.schedule import default_warmup
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Distributed:
-    """Rank and world size: the one place the loop asks. Rank 0 writes files (DDP: later)."""
+    """Rank, world size and the collectives of a run; one process: rank 0 of 1, no-ops.
+
+    Only rank 0 writes files. Every method that communicates must be called by every rank in
+    the same order (they are: the loop's schedule does not depend on the data).
+    """
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Distributed:
+        """From torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (absent: one process)."""
+        env = os.environ if environ is None else environ
+        try:
+            world, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+            local = int(env.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise ConfigError(
+                f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}, LOCAL_RANK="
+                f"{env.get('LOCAL_RANK')!r} are not integers; start several processes with torchrun"
+            ) from None
+        if not (world >= 1 and 0 <= rank < world and local >= 0):
+            raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+        return cls(rank, world, local)
+
+    def device(self, name: str) -> torch.device:
+        """``--device`` resolved; with several processes on CUDA, GPU ``LOCAL_RANK``."""
+        device = resolve_device(name)
+        if device.type != "cuda" or not self.enabled:
+            return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process LOCAL_RANK={self.local_rank} has no GPU ({torch.cuda.device_count()} "
+                "visible): start one process per GPU (torchrun --nproc-per-node <GPUs>)"
+            )
+        return torch.device("cuda", self.local_rank)
+
+    @contextmanager
+    def started(self, device: torch.device) -> Iterator[Distributed]:
+        """The process group for the run's lifetime: NCCL on CUDA, gloo on CPU."""
+        if not self.enabled:
+            yield self
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(
+            backend, rank=self.rank, world_size=self.world_size,
+            device_id=device if device.type == "cuda" else None,
+        )  # fmt: skip
+        try:
+            yield self
+        finally:
+            torch_dist.destroy_process_group()
+
+    def from_main(self, make: Callable[[], T]) -> T:
+        """``make()`` run on rank 0 only and sent to every rank; its error is raised on all."""
+        if not self.enabled:
+            return make()
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box = [("ok", make())]
+            except Exception as error:  # every rank must leave the broadcast, then raise
+                box = [("error", error)]
+        torch_dist.broadcast_object_list(box, src=0, device=self._device())
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Each key's sum over the ranks (a key a rank lacks counts 0 there), in float64."""
+        if not self.enabled:
+            return dict(values)
+        every: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(every, sorted(values))
+        keys = sorted(set().union(*every))
+        totals = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64,
+                              device=self._device())  # fmt: skip
+        torch_dist.all_reduce(totals)
+        return dict(zip(keys, totals.tolist(), strict=True))
+
+    def wrap(
+        self, model: torch.nn.Module, device: torch.device, find_unused: bool
+    ) -> DistributedDataParallel | None:
+        """``model`` in DistributedDataParallel (None for one process).
+
+        Buffers are not broadcast (the decoder's are constants), so only gradient reduction
+        communicates. ``find_unused``: some trainable parameters may miss a forward (the prompt
+        encoder's mask and no-mask embeddings when it is trained).
+        """
+        if not self.enabled:
+            return None
+        # torch >= 2.13 renamed broadcast_buffers (a FutureWarning), older ones lack the new name
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused, **no_buffer_sync,
+        )  # fmt: skip
+
+    def _device(self) -> torch.device:
+        if torch_dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 @dataclass
@@ -66,6 +187,7 @@ class Run:
     best_metric: float = float("-inf")
     last_val: dict[str, float] = field(default_factory=dict)
     dist: Distributed = field(default_factory=Distributed)
+    ddp: DistributedDataParallel | None = None  # the training forward's module (several ranks)
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def check_frozen(self) -> None:
@@ -189,10 +311,14 @@ def setup_run(
     warn: Callable[[str], None] = print,
     dist: Distributed | None = None,
 ) -> Run:
-    """Prepare a fresh or resumed run (see the module docstring); writes ``config.json``."""
+    """Prepare a fresh or resumed run (see the module docstring); rank 0 writes ``config.json``.
+
+    With several processes ``dist`` must be started (``Distributed.started``): rank 0 checks the
+    run folder and reads ``last.pt``, every rank gets the result (or the error).
+    """
     dist = dist or Distributed()
-    config, state = _resume_config(config, explicit, warn)
-    device = resolve_device(config.device)
+    config, state = dist.from_main(lambda: _resume_config(config, explicit, warn))
+    device = dist.device(config.device)
     precision = resolve_precision(config.precision, device)
     cache = open_cache(config.cache)
     attrs = cache.attrs
@@ -207,7 +333,7 @@ def setup_run(
     path = find_sam_checkpoint(attrs, config.checkpoint, cache.name)
     model = build_model(attrs.model_type, path, config.train_prompt_encoder).to(device)
     split = load_split(config.cache, config.val_fraction, config.seed)
-    per_epoch = math.ceil(split.train.num_rows / (config.images_per_step * dist.world_size))
+    per_epoch = math.ceil(split.train.num_rows / config.images_per_step)  # global micro-batches
     steps_per_epoch = math.ceil(per_epoch / config.grad_accum)
     total = steps_per_epoch * config.epochs
     run = Run(
@@ -219,9 +345,16 @@ def setup_run(
     )  # fmt: skip
     if state is not None:
         _restore(run, state, warn)
+    if dist.is_main and config.images_per_step < dist.world_size:
+        warn(
+            f"--images-per-step {config.images_per_step} is the batch of all "
+            f"{dist.world_size} processes together: some get no image; use at least "
+            f"{dist.world_size} (a multiple of {dist.world_size} balances the work)"
+        )
     run.frozen = {
         n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad
     }
+    run.ddp = dist.wrap(model, device, find_unused=config.train_prompt_encoder)
     if dist.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         ck.MetricSink(run.out / ck.METRICS).truncate_after(run.start_step)
@@ -238,6 +371,13 @@ def _restore(run: Run, state: dict[str, Any], warn: Callable[[str], None]) -> No
     ck.set_rng_state(state["rng"])
     run.start_step = int(state["step"])
     run.best_metric = float(state["best_metric"])
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != run.dist.world_size and run.dist.is_main:
+        warn(
+            f"resuming a run of {saved_world} process(es) with {run.dist.world_size}: the data "
+            "order and prompts are the same, float sums add up in another order (weights "
+            "agree to ~1e-6, not bit for bit)"
+        )
     if state["schedule"]["total"] != run.total_steps:
         warn(
             f"the run had {state['schedule']['total']} steps, the cache now gives "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.sam_models import make_random_checkpoint
+from shared.checkpoint_files import make_random_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOC_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/voc2007_sample/VOCdevkit/VOC2007"

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shared.cache_io import open_cache, read_manifest, read_manifest_all
-from shared.sam_models import make_random_checkpoint
+from shared.checkpoint_files import make_random_checkpoint
 from shared.storage import parse_location
 from stage1_embed.cli import app
 from stage1_embed.synthetic import make_synthetic_voc

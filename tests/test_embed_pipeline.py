@@ -13,7 +13,8 @@ from PIL import Image
 
 from shared.cache_format import CacheMismatchError
 from shared.cache_io import open_cache, read_manifest, read_manifest_all
-from shared.sam_models import build_sam, make_random_checkpoint
+from shared.checkpoint_files import make_random_checkpoint
+from shared.sam_models import build_sam
 from shared.storage import CacheLock, CacheLockedError, parse_location
 from stage1_embed.config import EmbedConfig
 from stage1_embed.pipeline import run_embed

@@ -18,7 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 from shared.cache_io import ok_rows, open_cache, read_embeddings
-from shared.sam_models import build_sam, make_random_checkpoint
+from shared.checkpoint_files import make_random_checkpoint
+from shared.sam_models import build_sam
 from stage2_decoder.cli import app
 from stage2_decoder.dataset import COLUMNS, decode_rle
 from stage2_decoder.evaluate import EvalConfig, evaluate_objects, object_boxes_1024

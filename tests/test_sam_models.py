@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared import checkpoint_files as cf
 from shared import sam_models as sm
 from shared.hashing import file_sha256
 from tests.meta_reference import meta_sam_model_registry
@@ -78,8 +79,8 @@ def test_tiny_model_is_labelled_not_pretrained():
 
 def test_random_checkpoint_is_deterministic_and_leaves_global_rng(tmp_path, tiny_checkpoint):
     state = torch.get_rng_state()
-    again = sm.make_random_checkpoint("vit_tiny_random", tmp_path / "a.pth", seed=0)
-    other = sm.make_random_checkpoint("vit_tiny_random", tmp_path / "b.pth", seed=1)
+    again = cf.make_random_checkpoint("vit_tiny_random", tmp_path / "a.pth", seed=0)
+    other = cf.make_random_checkpoint("vit_tiny_random", tmp_path / "b.pth", seed=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert file_sha256(again) == file_sha256(tiny_checkpoint) != file_sha256(other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth"]  # no temp files
@@ -210,35 +211,35 @@ def test_vit_b_wrong_type_and_decoder_only(monkeypatch, vit_b_checkpoint):
 
 def test_default_checkpoint_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SAMCACHE_HOME", str(tmp_path / "home"))
-    assert sm.default_checkpoint_dir() == tmp_path / "home" / "checkpoints"
+    assert cf.default_checkpoint_dir() == tmp_path / "home" / "checkpoints"
     monkeypatch.delenv("SAMCACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert sm.default_checkpoint_dir() == tmp_path / ".cache" / "samcache" / "checkpoints"
+    assert cf.default_checkpoint_dir() == tmp_path / ".cache" / "samcache" / "checkpoints"
 
 
 def test_resolve_given_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("SAMCACHE_HOME", str(tmp_path))
     given = tmp_path / "mine.pth"
     given.write_bytes(b"x")
-    assert sm.resolve_checkpoint("vit_b", given) == given
+    assert cf.resolve_checkpoint("vit_b", given) == given
     with pytest.raises(sm.CheckpointError, match="missing.pth does not exist"):
-        sm.resolve_checkpoint("vit_b", tmp_path / "missing.pth")
+        cf.resolve_checkpoint("vit_b", tmp_path / "missing.pth")
     cached = tmp_path / "checkpoints" / "sam_vit_l_0b3195.pth"
     cached.parent.mkdir()
     cached.write_bytes(b"y")
-    assert sm.resolve_checkpoint("vit_l", None) == cached
+    assert cf.resolve_checkpoint("vit_l", None) == cached
     with pytest.raises(sm.CheckpointError, match="downloading is off"):
-        sm.resolve_checkpoint("vit_h", None, download=False)
+        cf.resolve_checkpoint("vit_h", None, download=False)
 
 
 def test_resolve_offline_says_what_to_pass(monkeypatch, tmp_path):
     def offline(url, out, timeout_s=60.0):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(sm, "_download_url", offline)
+    monkeypatch.setattr(cf, "_download_url", offline)
     directory = tmp_path / "ckpts"
     with pytest.raises(sm.CheckpointError) as error:
-        sm.resolve_checkpoint("vit_b", None, directory=directory)
+        cf.resolve_checkpoint("vit_b", None, directory=directory)
     url = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
     assert str(error.value) == (
         "could not download sam_vit_b_01ec64.pth (<urlopen error Temporary failure in name "
@@ -249,24 +250,24 @@ def test_resolve_offline_says_what_to_pass(monkeypatch, tmp_path):
 
 def test_download_is_verified_before_it_appears(monkeypatch, tmp_path):
     payload = b"pretend checkpoint bytes"
-    monkeypatch.setattr(sm, "_download_url", lambda url, out, timeout_s=60.0: out.write(payload))
+    monkeypatch.setattr(cf, "_download_url", lambda url, out, timeout_s=60.0: out.write(payload))
     with pytest.raises(sm.CheckpointError, match="has sha256 .*expected ec2df627"):
-        sm.resolve_checkpoint("vit_b", None, directory=tmp_path)
+        cf.resolve_checkpoint("vit_b", None, directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
     spec = dataclasses.replace(sm.MODEL_SPECS["vit_b"], sha256=hashlib.sha256(payload).hexdigest())
     monkeypatch.setitem(sm.MODEL_SPECS, "vit_b", spec)
-    path = sm.resolve_checkpoint("vit_b", None, directory=tmp_path)
+    path = cf.resolve_checkpoint("vit_b", None, directory=tmp_path)
     assert path == tmp_path / "sam_vit_b_01ec64.pth" and path.read_bytes() == payload
     assert [p.name for p in tmp_path.iterdir()] == ["sam_vit_b_01ec64.pth"]
 
 
 def test_tiny_checkpoint_is_generated_not_downloaded(monkeypatch, tmp_path, tiny_checkpoint):
-    monkeypatch.setattr(sm, "_download_url", None)  # any download attempt would fail loudly
+    monkeypatch.setattr(cf, "_download_url", None)  # any download attempt would fail loudly
     monkeypatch.setenv("SAMCACHE_HOME", str(tmp_path))
-    path = sm.resolve_checkpoint("vit_tiny_random", None)
+    path = cf.resolve_checkpoint("vit_tiny_random", None)
     assert path == tmp_path / "checkpoints" / "samcache_vit_tiny_random_seed0.pth"
     assert file_sha256(path) == file_sha256(tiny_checkpoint)
     stamp = path.stat().st_mtime_ns
-    assert sm.ensure_random_checkpoint("vit_tiny_random") == path
+    assert cf.ensure_random_checkpoint("vit_tiny_random") == path
     assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
     assert isinstance(sm.build_sam("vit_tiny_random", Path(path)), torch.nn.Module)

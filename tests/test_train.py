@@ -10,7 +10,8 @@ import torch
 
 from shared.cache_format import CacheMismatchError
 from shared.cache_io import open_cache
-from shared.sam_models import CheckpointError, make_random_checkpoint
+from shared.checkpoint_files import make_random_checkpoint
+from shared.sam_models import CheckpointError
 from stage2_decoder import step as step_module
 from stage2_decoder.config import ConfigError, TrainConfig, merge_resumed
 from stage2_decoder.dataset import TrainBatches, ValBatches, generator_for, load_split
