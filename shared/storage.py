@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger(__name__)
 _EXTRAS = {"s3": "samcache[s3] (s3fs)", "gs": "samcache[gcs] (gcsfs)", "gcs": "samcache[gcs]"}
 
 
@@ -58,16 +62,21 @@ class CacheLock:
 
     Local folders: ``fcntl.flock`` on ``embed.lock``; the OS releases it when the holder dies, so
     a ``kill -9`` never leaves a stale lock. Object stores have no locks: a lease object holding
-    host, pid and a heartbeat time is written; a lease younger than ``stale_after`` seconds
-    refuses a second writer (best effort, documented in cache_layout.md).
+    host, pid, a token and a heartbeat time is written and renewed every ``stale_after / 4``
+    seconds by a thread. A second writer is refused while the lease is younger than
+    ``stale_after`` seconds, unless its holder is a dead process on this host. Best effort: two
+    runs started within the same few milliseconds can both pass (documented in cache_layout.md).
     """
 
-    def __init__(self, location: Location, name: str, stale_after: float = 600.0) -> None:
+    def __init__(self, location: Location, name: str, stale_after: float = 120.0) -> None:
         self.location = location
         self.path = location.join(name)
         self.stale_after = stale_after
         self._fd: int | None = None
         self._held_remote = False
+        self._token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> CacheLock:
         if self.location.is_local:
@@ -80,7 +89,10 @@ class CacheLock:
         self.release()
 
     def _holder(self) -> str:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+        return json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+             "token": self._token}
+        )  # fmt: skip
 
     def _acquire_local(self) -> None:
         import fcntl
@@ -98,16 +110,38 @@ class CacheLock:
 
     def _acquire_remote(self) -> None:
         fs = self.location.fs
+        fs.invalidate_cache(self.path)  # another process may have written or removed it
         if fs.exists(self.path):
             holder = fs.cat_file(self.path).decode(errors="replace")
-            try:
-                age = time.time() - float(json.loads(holder)["time"])
-            except (ValueError, KeyError, TypeError):
-                age = float("inf")
-            if age < self.stale_after:
+            if self._lease_alive(holder):
                 raise CacheLockedError(self._busy_message(holder))
         fs.pipe_file(self.path, self._holder().encode())
+        fs.invalidate_cache(self.path)
+        found = fs.cat_file(self.path).decode(errors="replace")
+        if _lease_field(found, "token") != self._token:  # lost a race with another writer
+            raise CacheLockedError(self._busy_message(found))
         self._held_remote = True
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew, name="samcache-lease", daemon=True)
+        self._heartbeat.start()
+
+    def _lease_alive(self, holder: str) -> bool:
+        """Fresh, and not held by a process of this host that no longer exists."""
+        stamp = _lease_field(holder, "time")
+        age = time.time() - float(stamp) if isinstance(stamp, (int, float)) else float("inf")
+        if age >= self.stale_after:
+            return False
+        pid = _lease_field(holder, "pid")
+        if _lease_field(holder, "host") == socket.gethostname() and isinstance(pid, int):
+            return _pid_alive(pid)
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.stale_after / 4):
+            try:
+                self.location.fs.pipe_file(self.path, self._holder().encode())
+            except Exception as exc:  # a transient store error must not kill the run
+                log.warning("could not renew the lease %s: %s", self.path, exc)
 
     def _busy_message(self, holder: str) -> str:
         return (
@@ -120,5 +154,31 @@ class CacheLock:
             os.close(self._fd)  # closing releases the flock; the file stays (harmless)
             self._fd = None
         elif self._held_remote:
-            self.location.fs.rm_file(self.path)
-            self._held_remote = False
+            self._release_remote()
+
+    def _release_remote(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        fs = self.location.fs
+        fs.invalidate_cache(self.path)
+        if fs.exists(self.path) and _lease_field(fs.cat_file(self.path), "token") == self._token:
+            fs.rm_file(self.path)  # never remove a lease another writer took over
+        self._held_remote = False
+
+
+def _lease_field(holder: str | bytes, key: str) -> Any:
+    try:
+        return json.loads(holder).get(key)
+    except (ValueError, AttributeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

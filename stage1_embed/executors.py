@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from typing import Any
 
 from stage1_embed.work import (
     BatchResult,
@@ -53,6 +54,19 @@ def run_local(spec: EncodeSpec, items: Sequence[WorkItem], on_done: OnDone) -> N
             on_done(encode_prepared(spec, prepared), len(prepared))
 
 
+# Settings for the cluster `embed run --workers N` starts (a user's own --scheduler keeps its
+# own configuration; cache_layout.md / README say which of these to set there).
+LOCAL_CLUSTER_CONFIG = {
+    # One task per one-thread worker: Dask charges a worker's death to every task the worker
+    # holds, so a batch merely queued behind a poison image would be split or failed with it.
+    "distributed.scheduler.worker-saturation": 1.0,
+    # LocalCluster closes for good a nanny whose worker has been away this long (default 15 s);
+    # restarting after a crash (torch import, model load) can take that long, and after a few
+    # crashes the cluster had no workers left and the run waited forever.
+    "distributed.deploy.lost-worker-timeout": "1 hour",
+}
+
+
 def run_dask(
     spec: EncodeSpec,
     items: Sequence[WorkItem],
@@ -70,49 +84,67 @@ def run_dask(
     one per task, and an image that alone kills its worker is committed as ``failed`` with the
     reason, so one poison image never takes the run down.
     """
-    from dask.distributed import Client, LocalCluster, as_completed
+    import dask
+    from dask.distributed import Client, LocalCluster
 
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        spec = _with_threads(spec, threads)
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            resources={"GPU": 1} if spec.device == "cuda" else None,
-        )
-        client = Client(cluster)
-    resources = {"GPU": 1} if spec.device == "cuda" else None
-    window = max_in_flight or 2 * max(1, len(client.scheduler_info().get("workers", {})) or workers)
-    try:
-        batches = chunked(items, images_per_task)
-
-        def submit(batch: list[WorkItem]):  # noqa: ANN202 - a dask Future
-            future = client.submit(
-                encode_batch, spec, batch, retries=2, pure=False, resources=resources
+    with dask.config.set({} if scheduler else LOCAL_CLUSTER_CONFIG):
+        cluster = None
+        if scheduler:
+            client = Client(scheduler)
+        else:
+            spec = _with_threads(spec, max(1, (os.cpu_count() or 1) // workers))
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                resources={"GPU": 1} if spec.device == "cuda" else None,
             )
-            future.samcache_batch = batch  # type: ignore[attr-defined]
-            return future
+            client = Client(cluster)
+        try:
+            n_workers = len(client.scheduler_info().get("workers", {})) or workers
+            window = max_in_flight or 2 * max(1, n_workers)
+            _drain(client, spec, items, on_done, images_per_task, window)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
-        queue = as_completed([submit(b) for b in islice(batches, window)])
-        for future in queue:
-            batch = future.samcache_batch  # type: ignore[attr-defined]
-            try:
-                on_done(future.result(), len(batch))
-            except Exception as exc:  # KilledWorker, or an unexpected error in the task
-                for retry in _isolate(batch, exc, spec, on_done):
-                    queue.add(submit(retry))
-            following = next(batches, None)
-            if following is not None:
-                queue.add(submit(following))
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+
+def _drain(
+    client: Any,
+    spec: EncodeSpec,
+    items: Sequence[WorkItem],
+    on_done: OnDone,
+    images_per_task: int,
+    window: int,
+) -> None:
+    """Keep ``window`` batches in flight until every batch is committed (or isolated)."""
+    from dask.distributed import as_completed
+
+    resources = {"GPU": 1} if spec.device == "cuda" else None
+    batches = chunked(items, images_per_task)
+
+    def submit(batch: list[WorkItem]):  # noqa: ANN202 - a dask Future
+        future = client.submit(encode_batch, spec, batch, retries=2, pure=False,
+                               resources=resources)  # fmt: skip
+        future.samcache_batch = batch  # type: ignore[attr-defined]
+        return future
+
+    queue = as_completed([submit(b) for b in islice(batches, window)])
+    for future in queue:
+        batch = future.samcache_batch  # type: ignore[attr-defined]
+        try:
+            on_done(future.result(), len(batch))
+        except Exception as exc:  # KilledWorker, or an unexpected error in the task
+            for retry in _isolate(batch, exc, spec, on_done):
+                queue.add(submit(retry))
+        # Drop the result at once: Dask recomputes a result the client still holds when the
+        # worker keeping it dies, which would encode and commit the batch a second time.
+        future.release()
+        following = next(batches, None)
+        if following is not None:
+            queue.add(submit(following))
 
 
 def _isolate(batch: list[WorkItem], exc: BaseException, spec: EncodeSpec, on_done: OnDone):
