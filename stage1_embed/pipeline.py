@@ -219,13 +219,29 @@ def _encode(
             on_done,
             workers=config.workers,
             scheduler=config.scheduler,
-            images_per_task=max(4, spec.batch_size),
+            images_per_task=_images_per_task(len(items), spec.batch_size, config.workers),
         )
     summary.seconds_encoding = time.perf_counter() - encode_started
 
 
+def _images_per_task(n_images: int, batch_size: int, workers: int) -> int:
+    """Images per Dask task: a few encoder batches, but small enough to keep every worker busy."""
+    per_worker = -(-n_images // max(1, workers))
+    return max(1, min(max(4, batch_size), per_worker))
+
+
 def _ensure_writable(location: Location) -> None:
-    """Create the cache folder now, so an unwritable --out fails before any work."""
+    """Create the cache folder now, so an unwritable --out fails before any work.
+
+    On object stores the bucket must exist already: s3fs would create a mistyped one.
+    """
+    if not location.is_local:
+        bucket = location.path.split("/", 1)[0]
+        if not location.fs.exists(bucket):
+            raise OSError(
+                f"bucket {bucket!r} of --out {location.display} does not exist (or is not "
+                "visible with these credentials); create it first"
+            )
     try:
         location.fs.makedirs(location.path, exist_ok=True)
     except OSError as exc:

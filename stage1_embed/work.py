@@ -8,6 +8,7 @@ worker died writes the same rows again and commits again: readers keep one row p
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,13 +79,45 @@ def _runner(spec: EncodeSpec) -> Any:
     key = ("runner", spec.model_type, spec.checkpoint_sha256, spec.precision, spec.device)
     with _STATE_LOCK:
         if key not in _PROCESS_STATE:
-            if spec.torch_threads:
-                torch.set_num_threads(spec.torch_threads)
+            worker = _dask_worker()
+            threads = spec.torch_threads or _threads_for(worker)
+            if threads:
+                torch.set_num_threads(threads)
             module = build_image_encoder(spec.model_type, spec.checkpoint)
             _PROCESS_STATE[key] = EncoderRunner(
-                module, precision=spec.precision, device=spec.device
+                module, precision=spec.precision, device=_device_for(spec.device, worker)
             )
         return _PROCESS_STATE[key]
+
+
+def _dask_worker() -> Any:
+    """The Dask worker running this task, or None in the coordinator (``--workers 1``)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def _threads_for(worker: Any) -> int:
+    """Torch threads of a worker of an existing cluster (``--scheduler``): host cores / threads.
+
+    Dask sets OMP_NUM_THREADS=1 in workers, which would leave torch on one core; the README
+    asks for one worker process per host (or per GPU) for stage 1.
+    """
+    if worker is None:
+        return 0
+    return max(1, (os.cpu_count() or 1) // max(1, worker.state.nthreads))
+
+
+def _device_for(device: str, worker: Any) -> str:
+    """One GPU per worker: ``cuda:<worker index mod GPUs>`` for a local cluster's workers."""
+    if device != "cuda" or worker is None or torch.cuda.device_count() < 2:
+        return device
+    name = str(worker.name)
+    index = int(name) if name.isdigit() else sum(name.encode())
+    return f"cuda:{index % torch.cuda.device_count()}"
 
 
 def _embeddings_array(spec: EncodeSpec) -> Any:

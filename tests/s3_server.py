@@ -35,6 +35,12 @@ class S3Server:
             Bucket=name
         )
 
+    def list_buckets(self) -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint_url, **_boto_credentials())
+        return [bucket["Name"] for bucket in client.list_buckets()["Buckets"]]
+
     def list_keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """Every object under ``prefix`` with its size in bytes (the server's view, no cache)."""
         import boto3

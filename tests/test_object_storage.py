@@ -232,3 +232,10 @@ def test_fragments_committed_elsewhere_are_seen(runs) -> None:
     worker_fs = s3fs.S3FileSystem(skip_instance_cache=True)  # what another process holds
     commit_fragment(Location(worker_fs, location.path, location.display), manifest_table([row]))
     assert read_manifest_all(location).column("image_id").to_pylist() == [row["image_id"]]
+
+
+def test_missing_bucket_is_refused_not_created(server: S3Server, images, tiny_checkpoint) -> None:
+    result = _embed(images, "s3://no-such-bucket/cache.zarr", tiny_checkpoint)
+    assert result.exit_code == 2, _text(result)
+    assert "does not exist" in _text(result)
+    assert "no-such-bucket" not in server.list_buckets()
