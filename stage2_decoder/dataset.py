@@ -3,8 +3,11 @@
 A *training batch* is one micro-step: ``images_per_step`` images in the epoch's order, each image
 embedding read once, and up to ``objects_per_image`` objects of each (B objects in all, gathered
 by ``image_index``). It is a pure function of ``(seed, epoch, micro)``: the image order comes
-from ``(seed, epoch)`` and the objects from ``(seed, epoch, micro)``, so the batches do not
-depend on the number of DataLoader workers, nor on where a run was resumed. Only the manifest
+from ``(seed, epoch)`` and each image's objects from ``(seed, epoch, image)``, so the batches do
+not depend on the number of DataLoader workers, nor on where a run was resumed. With several
+processes the micro-batch's images are shared out by rank (``rank::world_size``); each object
+keeps its *global row* (its index in the whole micro-batch), so whatever draws per object can
+key on it and not on the rank that holds the object. Only the manifest
 columns (Arrow, shared copy-on-write by forked workers) stay in memory; embeddings are read per
 batch, so memory does not grow with the cache.
 
@@ -154,6 +157,9 @@ class ObjectBatch:
     valid (B, 256, 256) bool; boxes_1024 (B, 4) float32 XYXY (exact, from the manifest bbox);
     per image ``input_sizes`` and ``original_sizes`` (H, W). Validation batches also carry
     ``masks_orig`` (H, W) bool per object and ``ignore_orig`` (H, W) bool per image.
+    Training batches carry ``object_rows`` (B,) int64, each object's row in the micro-batch of
+    all ranks, and ``rows_total``, that micro-batch's number of rows (objects of every rank;
+    B = rows_total with one process). B may be 0 on a rank whose share of images is empty.
     """
 
     image_embeddings: torch.Tensor
@@ -164,6 +170,8 @@ class ObjectBatch:
     epoch: int = 0
     micro: int = 0
     read_seconds: float = 0.0
+    object_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    rows_total: int = 0
     input_sizes: list[tuple[int, int]] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     masks_orig: list[torch.Tensor] = field(default_factory=list)
@@ -218,12 +226,17 @@ def _box_1024(bbox: list[float], original_size: tuple[int, int]) -> np.ndarray:
 
 
 def _stack(batch_parts: dict[str, list], embeddings: torch.Tensor, seconds: float) -> dict:
+    def stacked(name: str, shape: tuple[int, ...], dtype: type) -> torch.Tensor:
+        parts = batch_parts[name]
+        array = np.stack(parts).astype(dtype) if parts else np.zeros((0, *shape), dtype)
+        return torch.from_numpy(array)
+
     return {
         "image_embeddings": embeddings,
         "image_index": torch.tensor(batch_parts["image_index"], dtype=torch.int64),
-        "targets": torch.from_numpy(np.stack(batch_parts["targets"])),
-        "valid": torch.from_numpy(np.stack(batch_parts["valid"])),
-        "boxes_1024": torch.from_numpy(np.stack(batch_parts["boxes"]).astype(np.float32)),
+        "targets": stacked("targets", (TARGET_SIZE, TARGET_SIZE), bool),
+        "valid": stacked("valid", (TARGET_SIZE, TARGET_SIZE), bool),
+        "boxes_1024": stacked("boxes", (4,), np.float32),
         "read_seconds": seconds,
     }
 
@@ -231,8 +244,9 @@ def _stack(batch_parts: dict[str, list], embeddings: torch.Tensor, seconds: floa
 class TrainBatches(torch.utils.data.Dataset):
     """Item ``g`` = micro-batch ``g % per_epoch`` of epoch ``g // per_epoch`` (an ObjectBatch).
 
-    For data parallelism later: a micro-batch takes ``images_per_step * world_size`` images of
-    the epoch's order and rank ``r`` keeps every ``world_size``-th of them from ``r``.
+    A micro-batch is ``images_per_step`` images of the epoch's order, shared by all ranks: rank
+    ``r`` of ``world_size`` keeps every ``world_size``-th of them from ``r`` (possibly none), so
+    the ranks read disjoint images and together exactly those one process would read.
     """
 
     def __init__(
@@ -242,7 +256,8 @@ class TrainBatches(torch.utils.data.Dataset):
         self.reader = _CacheReader(cache_path, images)
         self.images_per_step, self.objects_per_image = images_per_step, objects_per_image
         self.seed, self.epochs, self.rank, self.world_size = seed, epochs, rank, world_size
-        self.per_epoch = math.ceil(images.num_rows / (images_per_step * world_size))
+        self.per_epoch = math.ceil(images.num_rows / images_per_step)
+        self.trainable = _object_counts(self.reader.images)[1]  # per image
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -256,35 +271,48 @@ class TrainBatches(torch.utils.data.Dataset):
             self._order = (epoch, torch.randperm(n_images, generator=generator).numpy())
         return self._order[1]
 
+    def micro_batch(self, epoch: int, micro: int) -> np.ndarray:
+        """Positions of the images of a micro-batch, every rank's."""
+        span = self.images_per_step
+        return self.order(epoch)[micro * span : (micro + 1) * span]
+
     def positions(self, epoch: int, micro: int) -> list[int]:
-        span = self.images_per_step * self.world_size
-        chosen = self.order(epoch)[micro * span : (micro + 1) * span]
-        return [int(p) for p in chosen[self.rank :: self.world_size]]
+        """Positions of this rank's images of a micro-batch."""
+        return [int(p) for p in self.micro_batch(epoch, micro)[self.rank :: self.world_size]]
 
     def __getitem__(self, index: int) -> ObjectBatch:
         epoch, micro = divmod(int(index), self.per_epoch)
-        positions = self.positions(epoch, micro)
-        generator = generator_for(self.seed, STREAM_OBJECTS, epoch, micro)
+        chosen = self.micro_batch(epoch, micro)
+        counts = np.minimum(self.trainable[chosen], self.objects_per_image)
+        first_row = np.concatenate([[0], np.cumsum(counts)])  # of each image, all ranks
         parts: dict[str, list] = {"image_index": [], "targets": [], "valid": [], "boxes": []}
+        rows: list[int] = []
         sizes: dict[str, list] = {"input_sizes": [], "original_sizes": []}
-        for i, position in enumerate(positions):
-            record = self.reader.image(position)
+        slots = range(self.rank, len(chosen), self.world_size)
+        for i, slot in enumerate(slots):
+            record = self.reader.image(int(chosen[slot]))
             original_size = (record["original_height"], record["original_width"])
             sizes["input_sizes"].append((record["input_height"], record["input_width"]))
             sizes["original_sizes"].append(original_size)
             trainable = [o for o in record["objects"] if o["target_rle"] != EMPTY_TARGET_RLE]
+            generator = generator_for(self.seed, STREAM_OBJECTS, epoch, int(chosen[slot]))
             pick = torch.randperm(len(trainable), generator=generator)[: self.objects_per_image]
             valid = _valid_region(record)
-            for j in pick.tolist():
-                target = decode_rle(trainable[j]["target_rle"], TARGET_SIZE, TARGET_SIZE)
-                if not target.any():  # a non-canonical empty RLE: skip, as the index does
+            for j, k in enumerate(pick.tolist()):
+                target = decode_rle(trainable[k]["target_rle"], TARGET_SIZE, TARGET_SIZE)
+                if not target.any():  # a non-canonical empty RLE: skip (its row stays unused)
                     continue
                 parts["image_index"].append(i)
                 parts["targets"].append(target)
                 parts["valid"].append(valid)
-                parts["boxes"].append(_box_1024(trainable[j]["bbox"], original_size))
-        embeddings, seconds = self.reader.embeddings(positions)
-        return ObjectBatch(**_stack(parts, embeddings, seconds), epoch=epoch, micro=micro, **sizes)
+                parts["boxes"].append(_box_1024(trainable[k]["bbox"], original_size))
+                rows.append(int(first_row[slot]) + j)
+        embeddings, seconds = self.reader.embeddings([int(chosen[s]) for s in slots])
+        return ObjectBatch(
+            **_stack(parts, embeddings, seconds), epoch=epoch, micro=micro,
+            object_rows=torch.tensor(rows, dtype=torch.int64), rows_total=int(first_row[-1]),
+            **sizes,
+        )  # fmt: skip
 
 
 class ValBatches(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Preparing a training run: run folder, resume, device, the model from the cache's checkpoint.
+"""Preparing a training run: run folder, resume, device, the model, the ranks (DDP).
 
 Stage 2 never builds the image encoder: the prompt encoder and mask decoder are loaded through
 ``shared.sam_models.build_prompt_and_mask_decoder`` from the very checkpoint the cache was made
@@ -6,12 +6,10 @@ with. That file is found at ``--checkpoint``, else at the cache's ``checkpoint_p
 else by ``resolve_checkpoint``'s cache-dir lookup, and accepted only when its sha256 equals the
 cache's ``checkpoint_sha256`` (``check_same_model`` names both otherwise).
 
-Several processes (``torchrun``): ``Distributed`` is the one place that knows rank and world
-size (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). It
-starts the process group (NCCL on CUDA with one GPU per process, ``cuda:LOCAL_RANK``; gloo on
-CPU), wraps the model in DistributedDataParallel and holds every other collective the run uses:
-rank 0 reads ``last.pt`` and sends it to the others, sums of metrics over the ranks. Only rank 0
-writes files.
+Several processes (torchrun): ``Distributed`` is the one place that knows rank and world size.
+It starts the process group (NCCL on CUDA, one GPU per process; gloo on CPU), wraps the model in
+DistributedDataParallel and holds every other collective of a run (rank 0 reads ``last.pt`` and
+sends it to all; sums of metrics over the ranks). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -50,11 +48,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Distributed:
-    """Rank, world size and the collectives of a run; one process: rank 0 of 1, no-ops.
-
-    Only rank 0 writes files. Every method that communicates must be called by every rank in
-    the same order (they are: the loop's schedule does not depend on the data).
-    """
+    """Rank, world size and the collectives of a run (one process: rank 0 of 1, no-ops).
+    Every rank calls the methods that communicate in the same order (the loop's schedule
+    does not depend on the data)."""
 
     rank: int = 0
     world_size: int = 1
@@ -142,14 +138,11 @@ class Distributed:
         torch_dist.all_reduce(totals)
         return dict(zip(keys, totals.tolist(), strict=True))
 
-    def wrap(
-        self, model: torch.nn.Module, device: torch.device, find_unused: bool
-    ) -> DistributedDataParallel | None:
-        """``model`` in DistributedDataParallel (None for one process).
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> DistributedDataParallel | None:
+        """DistributedDataParallel around ``model`` for ``average_gradients`` (None: 1 process).
 
-        Buffers are not broadcast (the decoder's are constants), so only gradient reduction
-        communicates. ``find_unused``: some trainable parameters may miss a forward (the prompt
-        encoder's mask and no-mask embeddings when it is trained).
+        Training runs on ``model`` itself: backward passes only accumulate gradients (as under
+        ``no_sync``, however many calls step.py makes). Buffers (constants) are not broadcast.
         """
         if not self.enabled:
             return None
@@ -157,14 +150,33 @@ class Distributed:
         renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=find_unused, **no_buffer_sync,
+            _AllParameters(model), device_ids=[device.index] if device.type == "cuda" else None,
+            **no_buffer_sync,
         )  # fmt: skip
 
     def _device(self) -> torch.device:
         if torch_dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+class _AllParameters(torch.nn.Module):
+    """What DDP wraps: ``forward()`` is 0 · (sum of every trainable parameter of ``model``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self) -> torch.Tensor:
+        trainable = [p.sum() for p in self.model.parameters() if p.requires_grad]
+        return torch.stack(trainable).sum() * 0.0
+
+
+def average_gradients(ddp: DistributedDataParallel) -> None:
+    """Each rank's gradients become their mean over the ranks: the backward of DDP's zero adds
+    0 to every trainable gradient and makes DDP all-reduce them (bucketed). Every rank calls it
+    once per optimizer step, also one that had no object, so the collectives always match."""
+    ddp().backward()
 
 
 @dataclass
@@ -187,7 +199,7 @@ class Run:
     best_metric: float = float("-inf")
     last_val: dict[str, float] = field(default_factory=dict)
     dist: Distributed = field(default_factory=Distributed)
-    ddp: DistributedDataParallel | None = None  # the training forward's module (several ranks)
+    ddp: DistributedDataParallel | None = None  # for average_gradients (several ranks)
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def check_frozen(self) -> None:
@@ -354,7 +366,7 @@ def setup_run(
     run.frozen = {
         n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad
     }
-    run.ddp = dist.wrap(model, device, find_unused=config.train_prompt_encoder)
+    run.ddp = dist.wrap(model, device)
     if dist.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         ck.MetricSink(run.out / ck.METRICS).truncate_after(run.start_step)

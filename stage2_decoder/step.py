@@ -10,7 +10,16 @@ ambiguous: exactly one point, no box, no mask.
 
 Backward runs after every iteration. The mask fed forward is detached, so iteration k's graph
 is independent of the others: gradients accumulated over k equal one backward of the sum, while
-only one iteration's activations are alive at a time (≈ 1/iterations of the memory).
+only one iteration's activations are alive at a time (≈ 1/iterations of the memory). Within an
+iteration the decoder takes ``objects_per_call`` objects at a time (forward, loss, backward per
+chunk, the loss weighted by the chunk's share): the same gradients, and on a CPU much faster
+than one call on 32 objects, whose activations no longer fit in the caches.
+
+Precision: ``fp32`` runs the model as it is (Meta's arithmetic); ``bf16`` runs forward and
+backward on bf16 copies of the fp32 weights (``p.to(bfloat16)`` inside the graph, so the
+gradients arrive in fp32 on the fp32 master weights the optimizer steps); ``fp16`` uses
+``torch.autocast`` (CUDA, with a GradScaler). On a CPU with bf16 units the bf16 copies are
+faster than autocast, which keeps normalisations and softmax in fp32 (bench/bench_train.py).
 
 Loss is computed in the 256 target frame: the decoder's native output, the frame of
 ``mask_input``, and 16× fewer pixels than the 1024 frame (evaluation is at full resolution).
@@ -24,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.func import functional_call
 
 from stage2_decoder.dataset import ObjectBatch
 from stage2_decoder.losses import mask_for_next_iteration, sam_loss
@@ -42,6 +52,14 @@ class StepSettings:
     prompt_mode: str = "point,box"  # "point", "box" or "point,box" (prompts.py)
     iterations: int = 11
     loss: str = "focal_dice"
+    objects_per_call: int = 4  # objects per decoder call (speed only; see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.objects_per_call < 1:
+            raise ValueError(
+                f"iterations ({self.iterations}) and objects_per_call "
+                f"({self.objects_per_call}) must be >= 1"
+            )
 
 
 @dataclass
@@ -78,9 +96,29 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _to(batch: ObjectBatch, device: torch.device) -> dict[str, torch.Tensor]:
+def call_decoder(
+    model: PromptableDecoder, precision: str, device: torch.device, *args: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(*args)`` at ``precision``: bf16 on bf16 copies of the parameters (gradients flow
+    back to the fp32 ones), fp16 under autocast, fp32 as is."""
+    if precision == "bf16":
+        params = {name: p.to(torch.bfloat16) for name, p in model.named_parameters()}
+        return functional_call(model, params, args)
+    with autocast(device, precision):
+        return model(*args)
+
+
+def decoder_dtype(model: PromptableDecoder, precision: str) -> torch.dtype:
+    """The dtype ``call_decoder`` computes in (autocast keeps the parameters' dtype)."""
+    return torch.bfloat16 if precision == "bf16" else model.mask_decoder.iou_token.weight.dtype
+
+
+def _to(batch: ObjectBatch, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The batch on ``device``; image embeddings in ``dtype`` and channels-last, so that the
+    model's token-major view of them is free (converted once per step, not per call)."""
+    embeddings = batch.image_embeddings.to(device, non_blocking=True)
     return {
-        "image_embeddings": batch.image_embeddings.to(device, non_blocking=True),
+        "image_embeddings": embeddings.to(dtype, memory_format=torch.channels_last),
         "image_index": batch.image_index.to(device),
         "targets": batch.targets.to(device),
         "valid": batch.valid.to(device),
@@ -97,6 +135,51 @@ def _check_finite(value: torch.Tensor, parts: dict[str, torch.Tensor], where: st
         f"loss is {float(value.detach())} at {where} ({shown}); lower --lr, keep --grad-clip "
         "on, or use --precision fp32"
     )
+
+
+@dataclass
+class _Call:
+    """What one prompt iteration needs besides the prompts (fixed over a step)."""
+
+    model: PromptableDecoder
+    data: dict[str, torch.Tensor]
+    settings: StepSettings
+    device: torch.device
+    precision: str
+    scale: float  # loss_scale / iterations
+    scaler: torch.amp.GradScaler | None
+
+
+def _iteration(
+    call: _Call,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    mask_input: torch.Tensor | None,
+    multimask: torch.Tensor,
+    where: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, loss and backward of one prompt iteration, ``objects_per_call`` objects at a
+    time. Returns the next mask_input (B, 1, 256, 256) fp32, detached, and the batch means of
+    the loss and its parts (detached tensors)."""
+    data, batch = call.data, len(labels)
+    fed, sums = [], {}
+    for start in range(0, batch, call.settings.objects_per_call):
+        part = slice(start, start + call.settings.objects_per_call)
+        logits, iou_pred = call_decoder(
+            call.model, call.precision, call.device, data["image_embeddings"],
+            data["image_index"][part], coords[part], labels[part],
+            None if mask_input is None else mask_input[part],
+        )  # fmt: skip
+        out = sam_loss(logits, iou_pred, data["targets"][part], data["valid"][part],
+                       multimask[part], kind=call.settings.loss)  # fmt: skip
+        _check_finite(out.loss, out.parts, where)
+        share = len(logits) / batch  # the chunk's weight in the batch mean
+        scaled = out.loss * (share * call.scale)
+        (call.scaler.scale(scaled) if call.scaler is not None else scaled).backward()
+        for name, value in {"loss": out.loss, **out.parts}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() * share
+        fed.append(mask_for_next_iteration(logits, iou_pred, multimask[part]).float())
+    return torch.cat(fed), sums
 
 
 def interactive_step(
@@ -119,31 +202,26 @@ def interactive_step(
     """
     if batch.n_objects == 0:  # nothing to learn from (cannot happen with load_split's images)
         return StepResult(0.0)
-    data = _to(batch, device)
+    data = _to(batch, device, decoder_dtype(model, precision))
     targets, valid = data["targets"], data["valid"]
     coords, labels, multimask = sample_first_prompts(
         targets, valid, data["boxes_1024"], generator,
         mode=settings.prompt_mode, input_size=data["input_sizes"],
     )  # fmt: skip
     mask_only = mask_only_iterations(settings.iterations, generator)
+    call = _Call(model, data, settings, device, precision, loss_scale / settings.iterations, scaler)
     mask_input: torch.Tensor | None = None
     totals: dict[str, float] = {}
     for k in range(settings.iterations):
-        with autocast(device, precision):
-            logits, iou_pred = model(
-                data["image_embeddings"], data["image_index"], coords, labels, mask_input
-            )
-        out = sam_loss(logits, iou_pred, targets, valid, multimask, kind=settings.loss)
-        _check_finite(out.loss, out.parts, f"{where}, prompt iteration {k}")
-        scaled = out.loss * (loss_scale / settings.iterations)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        for name, value in {"loss": out.loss, **out.parts}.items():
+        mask_input, means = _iteration(
+            call, coords, labels, mask_input, multimask, f"{where}, prompt iteration {k}"
+        )
+        for name, value in means.items():
             totals[name] = totals.get(name, 0.0) + value.item()
-        totals.setdefault("iou_first", float(out.parts["iou"]))
-        totals["iou_last"] = float(out.parts["iou"])
+        totals.setdefault("iou_first", float(means["iou"]))
+        totals["iou_last"] = float(means["iou"])
         if k + 1 == settings.iterations:
             break
-        mask_input = mask_for_next_iteration(logits, iou_pred, multimask).float()
         if k + 1 not in mask_only:
             pred = mask_input[:, 0] > 0
             new_coords, new_labels = sample_error_clicks(pred, targets, valid, generator)

@@ -14,12 +14,20 @@ is AdamW's usual default. Warm-up ``min(250, 5 % of steps)``, cosine to 10 %, gr
 clipped at 1.0; bf16 autocast where the hardware has it (fp16 + GradScaler on request).
 
 Exact resume: every random number of optimizer step s is derived from ``(seed, epoch, micro)``
-(prompts) and ``(seed, epoch)`` (data order); the lr is a pure function of s; model, optimizer
-and scaler states are restored. So a run killed at any point and resumed from ``last.pt`` ends
-with the same weights as one that never stopped (tested on CPU with a real ``kill -9``).
+(prompts), ``(seed, epoch, image)`` (objects) and ``(seed, epoch)`` (data order); the lr is a
+pure function of s; model, optimizer and scaler states are restored. So a run killed at any
+point and resumed from ``last.pt`` ends with the same weights as one that never stopped (tested
+on CPU with a real ``kill -9``).
 
-Data parallelism later: ``Distributed`` is the one place that knows rank / world size; rank 0
-writes files, ``TrainBatches`` shards each micro-batch's images by rank.
+Several processes (``torchrun``; ``Distributed`` in setup.py is the one place that knows rank
+and world size): ``--images-per-step`` is the micro-batch of all ranks together, whose images
+``TrainBatches`` shares out by rank. The prompt iterations run on the plain module (as under
+DDP's ``no_sync``: gradients only accumulate, however many forward/backward calls step.py
+makes); once per optimizer step every rank, also one that got no image, has DDP all-reduce the
+summed gradients (``setup.average_gradients``), so no rank waits for a collective the others
+never reach. Each rank's loss is scaled by ``world_size · n / N``
+(its n of the micro-batch's N objects), so DDP's average is the one-process mean over the N
+objects. Logged losses and validation sums are added over the ranks; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from stage2_decoder.config import TrainConfig
 from stage2_decoder.dataset import STREAM_PROMPTS, TrainBatches, ValBatches, derive_seed
 from stage2_decoder.plots import CURVES, plot_curves
 from stage2_decoder.schedule import lr_at
-from stage2_decoder.setup import Run, setup_run
+from stage2_decoder.setup import Distributed, Run, average_gradients, setup_run
 from stage2_decoder.step import StepSettings, interactive_step
 from stage2_decoder.validate import ValResult, validate
 
@@ -74,6 +82,7 @@ class Summary:
     prompt_iterations_per_s: float = 0.0
     embeddings_per_s: float = 0.0
     seconds: float = 0.0
+    is_main: bool = True  # False on ranks > 0 of a distributed run (they print nothing)
 
 
 def train(
@@ -86,22 +95,32 @@ def train(
     """Run (or, with ``config.resume``, continue) a training run; see the module docstring.
 
     ``explicit``: options the user typed (for the resume warning; None: all differences).
-    ``warn`` receives one line per warning (default: ``progress.message``).
+    ``warn`` receives one line per warning (default: ``progress.message``). Started by torchrun
+    (``WORLD_SIZE`` > 1), this process is one rank of a data-parallel run; ranks > 0 report
+    nothing through ``progress`` and ``warn``.
     """
     progress = progress or NoProgress()
-    run = setup_run(config, explicit=explicit, warn=warn or progress.message)
-    return fit(run, progress)
+    dist = Distributed.from_env()
+    if not dist.is_main:
+        progress, warn = NoProgress(), _silent
+    with dist.started(dist.device(config.device)):
+        run = setup_run(config, explicit=explicit, warn=warn or progress.message, dist=dist)
+        return fit(run, progress)
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def _generator(device: torch.device, seed: int, *keys: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, *keys))
 
 
-def _loader(dataset: Any, start: int, config: TrainConfig, device: torch.device) -> DataLoader:
-    """Items ``start..len-1`` in order; each item is a whole batch (batch_size=None)."""
+def _loader(dataset: Any, items: range, config: TrainConfig, device: torch.device) -> DataLoader:
+    """``items`` in order; each item is a whole batch (batch_size=None)."""
     workers = config.num_workers
     return DataLoader(
-        dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=workers,
+        dataset, batch_size=None, sampler=items, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
     )  # fmt: skip
 
@@ -140,14 +159,20 @@ def _state(run: Run, step: int, epoch: int) -> dict[str, Any]:
         "best_metric": run.best_metric,
         "config": run.config.to_dict(),
         "cache": run.cache_identity,
+        "world_size": run.dist.world_size,
     }
 
 
 class _Window:
-    """Running sums between two log lines (loss, parts, prompt iterations, read time)."""
+    """Running sums between two log lines (loss, parts, prompt iterations, read time).
+
+    ``add`` takes this rank's share of values that ``record`` adds up over the ranks;
+    ``add_shared`` takes values every rank has equal (the gradient norm after the reduction).
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.shared: dict[str, float] = {}
         self.steps, self.prompt_iterations, self.embeddings, self.read_s = 0, 0, 0, 0.0
         self.started = time.perf_counter()
 
@@ -155,52 +180,71 @@ class _Window:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def record(self) -> dict[str, float]:
+    def add_shared(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.shared[key] = self.shared.get(key, 0.0) + value
+
+    def record(self, dist: Distributed) -> dict[str, float]:
+        """Means per step, rates of all ranks together (a collective: every rank calls it)."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-        out["prompt_it_per_s"] = self.prompt_iterations / elapsed
-        out["emb_per_s"] = self.embeddings / self.read_s if self.read_s > 0 else 0.0
+        counts = {"#prompt_it": self.prompt_iterations, "#emb": self.embeddings,
+                  "#read_s": self.read_s}  # fmt: skip
+        total = dist.sum({**self.sums, **counts})
+        steps = max(self.steps, 1)
+        out = {k: v / steps for k, v in total.items() if not k.startswith("#")}
+        out.update({k: v / steps for k, v in self.shared.items()})
+        out["prompt_it_per_s"] = total["#prompt_it"] / elapsed
+        read_s = total["#read_s"] / dist.world_size  # the ranks read at the same time
+        out["emb_per_s"] = total["#emb"] / read_s if read_s > 0 else 0.0
         return out
 
 
 def _micro_steps(
     run: Run, batches: Any, settings: StepSettings, micros: range, step: int, windows: list
 ) -> None:
-    """Forward/backward of one optimizer step's micro-batches; adds the results to windows."""
-    epoch = step // run.steps_per_epoch
+    """Forward/backward of one optimizer step's micro-batches; adds the results to windows.
+
+    This rank holds n of the N objects of a micro-batch (``rows_total``): its mean loss is
+    scaled by ``world_size · n / N / len(micros)``, its logged values by ``n / N / len(micros)``.
+    """
+    epoch, world = step // run.steps_per_epoch, run.dist.world_size
     for micro in micros:
         batch = next(batches)
         if (batch.epoch, batch.micro) != (epoch, micro):
             raise RuntimeError(f"data out of step: got {batch.epoch, batch.micro}, expected "
                                f"{epoch, micro}; this is a bug")  # fmt: skip
         generator = _generator(run.device, run.config.seed, STREAM_PROMPTS, epoch, micro)
+        share = batch.n_objects / max(batch.rows_total, 1) / len(micros)
         result = interactive_step(
             run.model, batch, settings, generator, device=run.device, precision=run.precision,
-            loss_scale=1.0 / len(micros), scaler=run.scaler,
+            loss_scale=world * share, scaler=run.scaler,
             where=f"step {step + 1} (epoch {epoch + 1}, micro-batch {micro})",
         )  # fmt: skip
         values = {"loss": result.loss, **result.parts}
         for window in windows:
-            window.add({k: v / len(micros) for k, v in values.items()})
+            window.add({k: v * share for k, v in values.items()})
             window.prompt_iterations += result.prompt_iterations
             window.embeddings += batch.image_embeddings.shape[0]
             window.read_s += batch.read_seconds
+    if run.ddp is not None:
+        average_gradients(run.ddp)
 
 
 def fit(run: Run, progress: Progress) -> Summary:
     """The training loop, from ``run.start_step`` to ``run.total_steps``."""
-    config, main = run.config, run.dist.is_main
+    config, dist = run.config, run.dist
+    main = dist.is_main
     settings = StepSettings(",".join(config.prompts), config.iterations, config.loss)
     data = TrainBatches(
         config.cache, run.split.train, images_per_step=config.images_per_step,
         objects_per_image=config.objects_per_image, seed=config.seed, epochs=config.epochs,
-        rank=run.dist.rank, world_size=run.dist.world_size,
+        rank=dist.rank, world_size=dist.world_size,
     )  # fmt: skip
     val_data = ValBatches(config.cache, run.split.val, config.images_per_step)
     accum = config.grad_accum  # micro-batches per optimizer step (fewer in an epoch's last)
     start_epoch, start_in_epoch = divmod(run.start_step, run.steps_per_epoch)
     first_micro = start_epoch * data.per_epoch + start_in_epoch * accum
-    batches = iter(_loader(data, first_micro, config, run.device))
+    batches = iter(_loader(data, range(first_micro, len(data)), config, run.device))
     sink = ck.MetricSink(run.out / ck.METRICS, enabled=main)
     window, totals, last_val = _Window(), _Window(), run.last_val
     progress.start(run.total_steps, run.start_step)
@@ -215,22 +259,23 @@ def fit(run: Run, progress: Progress) -> Summary:
         micros = range(in_epoch * accum, min((in_epoch + 1) * accum, data.per_epoch))
         _micro_steps(run, batches, settings, micros, step, [window, totals])
         # --- optimizer step
-        window.add({"grad_norm": _optimizer_step(run)})
+        window.add_shared({"grad_norm": _optimizer_step(run)})
         window.steps, totals.steps, done = window.steps + 1, totals.steps + 1, step + 1
         epoch_end = in_epoch == run.steps_per_epoch - 1
         # --- log
         record: dict[str, Any] = {}
         if done % config.log_every == 0 or epoch_end:
             record = {"kind": "train", "step": done, "epoch": epoch + 1, "lr": lr}
-            record.update(window.record())
+            record.update(window.record(dist))
             sink.write(record)
             window = _Window()
         progress.advance(done, record)
         # --- eval + checkpoint
         if epoch_end:
-            val_batches = _loader(val_data, 0, config, run.device)
-            val = validate(run.model, val_batches, device=run.device, precision=run.precision,
-                           loss_kind=config.loss)  # fmt: skip
+            mine = range(dist.rank, len(val_data), dist.world_size)  # this rank's val batches
+            val = validate(run.model, _loader(val_data, mine, config, run.device),
+                           device=run.device, precision=run.precision, loss_kind=config.loss,
+                           reduce=dist.sum)  # fmt: skip
             last_val = _after_validation(run, sink, val, done, epoch + 1)
             progress.message(_describe_val(epoch + 1, val))
         elif config.checkpoint_every and done % config.checkpoint_every == 0 and main:
@@ -239,26 +284,28 @@ def fit(run: Run, progress: Progress) -> Summary:
             window = _Window()
     sink.close()
     run.check_frozen()
-    rates = totals.record()
+    rates = totals.record(dist)
     return Summary(
         out=str(run.out), steps=run.total_steps, epochs=config.epochs,
         best_miou=run.best_metric, last_val=last_val,
         prompt_iterations_per_s=rates["prompt_it_per_s"], embeddings_per_s=rates["emb_per_s"],
-        seconds=time.perf_counter() - totals.started,
+        seconds=time.perf_counter() - totals.started, is_main=main,
     )  # fmt: skip
 
 
 def _after_validation(
     run: Run, sink: ck.MetricSink, val: ValResult, step: int, epoch: int
 ) -> dict[str, float]:
-    """Log the val line, redraw the curves, save best.pt (if better) and last.pt."""
+    """Log the val line, redraw the curves, save best.pt (if better) and last.pt (rank 0)."""
     record = {"kind": "val", "step": step, "epoch": epoch, **val.to_dict()}
+    better = math.isfinite(val.miou) and val.miou > run.best_metric
+    if better:  # every rank: the val sums are those of all ranks
+        run.best_metric = val.miou
     if not run.dist.is_main:
         return record
     sink.write(record)
     plot_curves(run.out / ck.METRICS, run.out / CURVES)
-    if math.isfinite(val.miou) and val.miou > run.best_metric:
-        run.best_metric = val.miou
+    if better:
         ck.save_checkpoint(run.out / ck.BEST, _state(run, step, epoch))
     ck.save_checkpoint(run.out / ck.LAST, _state(run, step, epoch))
     return record

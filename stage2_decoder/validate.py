@@ -11,12 +11,16 @@ Masks are ``postprocess_low_res`` of the 256 logits to the original frame, thres
 and compared with the decoded ``rle`` outside ``ignore_rle`` (``metrics.binary_iou``). The val
 loss is ``sam_loss`` of both prompts over the objects with a non-empty 256 target (training
 skips the others); objects with no pixel outside the ignore region are left out of everything.
+
+With several processes each rank validates its share of the val batches and ``reduce`` (the
+run's ``Distributed.sum``) adds the sums of all ranks before the means are taken, so the result
+is that of one process up to the order of float additions.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,8 +104,12 @@ def validate(
     device: torch.device,
     precision: str = "fp32",
     loss_kind: str = "focal_dice",
+    reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> ValResult:
-    """Val loss and mIoU (1 click, box) over ``batches`` (ValBatches items); no randomness."""
+    """Val loss and mIoU (1 click, box) over ``batches`` (ValBatches items); no randomness.
+
+    ``reduce`` maps this process's sums to the sums over all processes (None: one process).
+    """
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -133,11 +141,16 @@ def validate(
             loss_sum += float(out.per_object.sum())
             loss_count += int(has_target.sum())
     model.train(was_training)
+    sums = {"loss": loss_sum, "loss_count": loss_count, "click": float(np.sum(click_ious)),
+            "box": float(np.sum(box_ious)), "n": len(click_ious), "skipped": skipped}  # fmt: skip
+    if reduce is not None:
+        sums = reduce(sums)
+    n, nan = int(sums["n"]), float("nan")
     return ValResult(
-        val_loss=loss_sum / loss_count if loss_count else float("nan"),
-        miou_click=float(np.mean(click_ious)) if click_ious else float("nan"),
-        miou_box=float(np.mean(box_ious)) if box_ious else float("nan"),
-        n_objects=len(click_ious),
-        n_skipped=skipped,
+        val_loss=sums["loss"] / sums["loss_count"] if sums["loss_count"] else nan,
+        miou_click=sums["click"] / n if n else nan,
+        miou_box=sums["box"] / n if n else nan,
+        n_objects=n,
+        n_skipped=int(sums["skipped"]),
         seconds=time.perf_counter() - start,
     )
