@@ -21,8 +21,11 @@ demo: install
 	$(BIN)/embed demo-data --out $(DEMO)/data --n-images 24
 	$(BIN)/embed run --images $(DEMO)/data/VOCdevkit/VOC2007/JPEGImages --out $(DEMO)/cache.zarr --model-type vit_tiny_random
 	$(BIN)/embed status $(DEMO)/cache.zarr
-	$(BIN)/decoder train --cache $(DEMO)/cache.zarr --prompts point,box --out $(DEMO)/run --epochs 6 --iterations 3
-	@echo "demo done: see $(DEMO)/run (metrics.jsonl, curves.png)"
+	$(BIN)/decoder train --cache $(DEMO)/cache.zarr --prompts point,box --out $(DEMO)/run \
+		--epochs 8 --iterations 1 --lr 1e-3 --images-per-step 2 --objects-per-image 2
+	$(BIN)/decoder eval --cache $(DEMO)/cache.zarr --run $(DEMO)/run --split val --protocols box \
+		--out $(DEMO)/report
+	@echo "demo done: $(DEMO)/run (metrics.jsonl, curves.png), $(DEMO)/report (zero-shot vs fine-tuned)"
 
 test: install
 	$(BIN)/pytest -q
