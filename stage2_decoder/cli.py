@@ -189,7 +189,9 @@ def train(
             )
         finally:
             progress.stop()
-    Console().print(
+    if not summary.is_main:  # ranks > 0 of a torchrun job: rank 0 reports
+        return
+    Console(soft_wrap=True).print(
         f"{summary.out}: {summary.steps} steps in {summary.seconds:.1f} s; best val mIoU "
         f"{summary.best_miou:.3f}; {summary.prompt_iterations_per_s:.2f} prompt-iterations/s, "
         f"{summary.embeddings_per_s:.0f} embeddings/s read",

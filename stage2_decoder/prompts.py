@@ -6,6 +6,11 @@ prompts in the 1024 frame. All randomness goes through the `generator` argument,
 live on the tensors' device. Every sampler draws the same random numbers whatever the data,
 so a seed pins the whole prompt sequence.
 
+Data parallelism: with `rows` (B,) and `rows_total`, the batch is the part of a micro-batch of
+`rows_total` objects that one process holds, object k being row `rows[k]`. Every draw is then
+made for all `rows_total` rows and indexed, so an object's random numbers depend on its row only,
+not on which process holds it (rows None: the batch is the whole micro-batch, rows 0..B-1).
+
 Target-frame pixel (x, y) covers the 1024-frame square [4x, 4x + 4) × [4y, 4y + 4); a point
 sampled in it is placed uniformly inside that square: coords_1024 = (x + u) * 4, u ~ U[0, 1).
 
@@ -31,6 +36,20 @@ TARGET_TO_1024 = 4.0
 _JITTER_MAX = TARGET_TO_1024 - 1.0 / 256.0  # exact in float32 up to 1024 + 4
 
 
+def _uniform(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device,
+    rows: torch.Tensor | None = None,
+    rows_total: int | None = None,
+) -> torch.Tensor:
+    """U[0, 1) numbers of `shape` (B, ...); with `rows`, drawn for `rows_total` rows and indexed."""
+    if rows is None:
+        return torch.rand(shape, generator=generator, device=device)
+    full = torch.rand((int(rows_total), *shape[1:]), generator=generator, device=device)
+    return full[rows.to(device)]
+
+
 def box_noise(
     boxes_1024: torch.Tensor,
     generator: torch.Generator,
@@ -38,6 +57,8 @@ def box_noise(
     frac: float = 0.1,
     max_px: float = 20.0,
     image_hw: tuple[int, int] | torch.Tensor = (1024, 1024),
+    rows: torch.Tensor | None = None,
+    rows_total: int | None = None,
 ) -> torch.Tensor:
     """Jitter XYXY boxes (B, 4) in the 1024 frame as sam2's `sample_box_points`.
 
@@ -48,7 +69,7 @@ def box_noise(
     normally each object's input_size (the image part of the 1024 frame).
     """
     boxes = boxes_1024.float()
-    u = torch.rand(boxes.shape, generator=generator, device=boxes.device)
+    u = _uniform(tuple(boxes.shape), generator, boxes.device, rows, rows_total)
     side = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)
     bound = torch.clamp(side * frac, max=max_px).clamp(min=0.0).repeat(1, 2)  # (B, 4) x, y, x, y
     noisy = boxes + (2.0 * u - 1.0) * bound
@@ -65,13 +86,18 @@ def _erode(masks: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def _sample_pixels(
-    weights: torch.Tensor, n: int, generator: torch.Generator
+    weights: torch.Tensor,
+    n: int,
+    generator: torch.Generator,
+    rows: torch.Tensor | None = None,
+    rows_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n pixels per row, uniformly among True pixels of weights (B, H, W), with replacement.
 
     Returns coords_1024 (B, n, 2) float, the target pixels xy (B, n, 2) long and found (B,)
     bool. Rows with no True pixel get (0, 0) and found False; they draw from a uniform row so
-    that the random stream stays aligned whatever the data.
+    that the random stream stays aligned whatever the data. A pixel is the inverse of the
+    cumulative count of True pixels at u·count, u ~ U[0, 1) (exact integer counts).
     """
     batch, h, w = weights.shape
     flat = weights.reshape(batch, h * w)
@@ -79,9 +105,12 @@ def _sample_pixels(
     if n == 0:
         empty = torch.zeros(batch, 0, 2, device=weights.device)
         return empty, empty.long(), found
-    probs = torch.where(found.unsqueeze(1), flat, torch.ones_like(flat)).float()
-    index = torch.multinomial(probs, n, replacement=True, generator=generator)  # (B, n)
-    jitter = torch.rand(batch, n, 2, generator=generator, device=weights.device)
+    counts = torch.where(found.unsqueeze(1), flat, torch.ones_like(flat)).cumsum(dim=1)
+    u = _uniform((batch, n), generator, weights.device, rows, rows_total)
+    jitter = _uniform((batch, n, 2), generator, weights.device, rows, rows_total)
+    total = counts[:, -1:]
+    rank = torch.minimum((u * total).long(), total - 1)  # (B, n): the rank-th True pixel
+    index = torch.searchsorted(counts, rank, right=True)
     xy = torch.stack([index % w, index // w], dim=-1) * found.view(-1, 1, 1)
     # (x + u) * 4 in the 1024 frame; the cap keeps float rounding inside the 4x4 square.
     coords = xy * TARGET_TO_1024 + torch.clamp(jitter * TARGET_TO_1024, max=_JITTER_MAX)
@@ -105,13 +134,19 @@ def sample_points_from_mask(
 
 
 def _point_rows(
-    targets: torch.Tensor, valid: torch.Tensor, generator: torch.Generator, n_pos: int, n_neg: int
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator,
+    n_pos: int,
+    n_neg: int,
+    rows: torch.Tensor | None = None,
+    rows_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n_pos positives from targets, n_neg negatives from valid & ~targets (label -1 if none)."""
     batch = targets.shape[0]
     device = targets.device
-    pos, _, pos_found = _sample_pixels(targets & valid, n_pos, generator)
-    neg, _, neg_found = _sample_pixels(valid & ~targets, n_neg, generator)
+    pos, _, pos_found = _sample_pixels(targets & valid, n_pos, generator, rows, rows_total)
+    neg, _, neg_found = _sample_pixels(valid & ~targets, n_neg, generator, rows, rows_total)
     pos_labels = torch.where(pos_found, 1, LABEL_PAD).view(-1, 1).expand(batch, n_pos)
     neg_labels = torch.where(neg_found, 0, LABEL_PAD).view(-1, 1).expand(batch, n_neg)
     coords = torch.cat([pos, neg], dim=1)
@@ -141,8 +176,10 @@ def sample_first_prompts(
     input_size: tuple[int, int] | torch.Tensor = (1024, 1024),
     box_frac: float = 0.1,
     box_max_px: float = 20.0,
+    rows: torch.Tensor | None = None,
+    rows_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SAM's first prompt for each of B objects.
+    """SAM's first prompt for each of B objects (`rows`, `rows_total`: see the module docstring).
 
     Arguments:
       targets, valid (B, 256, 256) bool: target-frame masks and their valid pixels.
@@ -164,15 +201,18 @@ def sample_first_prompts(
     if n_pos + n_neg < 1 and mode != "box":
         raise ValueError(f"need at least one point, got n_pos={n_pos}, n_neg={n_neg}")
     batch, device = targets.shape[0], targets.device
-    kind = torch.rand(batch, generator=generator, device=device)  # drawn in every mode
-    points, point_labels = _point_rows(targets, valid, generator, n_pos, n_neg)
+    kind = _uniform((batch,), generator, device, rows, rows_total)  # drawn in every mode
+    points, point_labels = _point_rows(targets, valid, generator, n_pos, n_neg, rows, rows_total)
     n_real = (point_labels != LABEL_PAD).sum(dim=1)
     if mode == "point":
         coords, labels = _pad(points, point_labels, n_pos + n_neg + 1)
         return coords, labels, n_real == 1
     if boxes_1024 is None:
         raise ValueError(f"mode {mode!r} needs boxes_1024")
-    noisy = box_noise(boxes_1024, generator, frac=box_frac, max_px=box_max_px, image_hw=input_size)
+    noisy = box_noise(
+        boxes_1024, generator, frac=box_frac, max_px=box_max_px, image_hw=input_size,
+        rows=rows, rows_total=rows_total,
+    )  # fmt: skip
     corners = noisy.view(batch, 2, 2)
     corner_labels = torch.tensor([LABEL_BOX_TL, LABEL_BOX_BR], device=device).expand(batch, 2)
     if mode == "box":
@@ -197,7 +237,12 @@ def sample_first_prompts(
 
 
 def sample_error_clicks(
-    pred: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, generator: torch.Generator
+    pred: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator,
+    rows: torch.Tensor | None = None,
+    rows_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One corrective click per object, uniformly from its error region (SAM / sam2).
 
@@ -208,7 +253,7 @@ def sample_error_clicks(
     Returns coords_1024 (B, 1, 2) and point_labels (B, 1) long.
     """
     errors = (pred ^ targets) & valid
-    coords, xy, found = _sample_pixels(errors, 1, generator)
+    coords, xy, found = _sample_pixels(errors, 1, generator, rows, rows_total)
     batch = torch.arange(targets.shape[0], device=targets.device)
     is_fn = targets[batch, xy[:, 0, 1], xy[:, 0, 0]]
     labels = torch.where(found, is_fn.long(), LABEL_PAD)

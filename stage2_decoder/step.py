@@ -23,7 +23,9 @@ faster than autocast, which keeps normalisations and softmax in fp32 (bench/benc
 
 Loss is computed in the 256 target frame: the decoder's native output, the frame of
 ``mask_input``, and 16× fewer pixels than the 1024 frame (evaluation is at full resolution).
-All randomness comes from the ``generator`` passed in (derived from the seed and the step).
+All randomness comes from the ``generator`` passed in (derived from the seed and the step),
+drawn per *global row* of each object (``batch.object_rows`` of ``batch.rows_total``), so the
+prompts of an object do not depend on the process that holds it in data-parallel training.
 """
 
 from __future__ import annotations
@@ -204,9 +206,13 @@ def interactive_step(
         return StepResult(0.0)
     data = _to(batch, device, decoder_dtype(model, precision))
     targets, valid = data["targets"], data["valid"]
+    # Draws per global object row (a batch built without rows is the whole micro-batch).
+    rows = {"rows": None, "rows_total": None}
+    if batch.rows_total:
+        rows = {"rows": batch.object_rows.to(device), "rows_total": batch.rows_total}
     coords, labels, multimask = sample_first_prompts(
         targets, valid, data["boxes_1024"], generator,
-        mode=settings.prompt_mode, input_size=data["input_sizes"],
+        mode=settings.prompt_mode, input_size=data["input_sizes"], **rows,
     )  # fmt: skip
     mask_only = mask_only_iterations(settings.iterations, generator)
     call = _Call(model, data, settings, device, precision, loss_scale / settings.iterations, scaler)
@@ -224,7 +230,7 @@ def interactive_step(
             break
         if k + 1 not in mask_only:
             pred = mask_input[:, 0] > 0
-            new_coords, new_labels = sample_error_clicks(pred, targets, valid, generator)
+            new_coords, new_labels = sample_error_clicks(pred, targets, valid, generator, **rows)
             coords = torch.cat([coords, new_coords.to(coords.dtype)], dim=1)
             labels = torch.cat([labels, new_labels.to(labels.dtype)], dim=1)
         multimask = torch.zeros_like(multimask)  # clicks or a mask make the prompt unambiguous
