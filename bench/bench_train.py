@@ -139,9 +139,10 @@ def reference_step(
     """SAM's interactive recipe with one Meta call per prompt; same random stream as
     ``interactive_step`` (first prompts, mask-only draw, then one click batch per iteration)."""
     targets, valid, n = batch.targets, batch.valid, batch.n_objects
+    rows = {"rows": batch.object_rows, "rows_total": batch.rows_total} if batch.rows_total else {}
     coords, labels, multimask = sample_first_prompts(
         targets, valid, batch.boxes_1024, generator,
-        mode=settings.prompt_mode, input_size=batch.object_input_sizes(),
+        mode=settings.prompt_mode, input_size=batch.object_input_sizes(), **rows,
     )  # fmt: skip
     mask_only = mask_only_iterations(settings.iterations, generator)
     dense_pe, embeddings = pe.get_dense_pe(), batch.image_embeddings.float()
@@ -159,7 +160,7 @@ def reference_step(
             break
         if k + 1 not in mask_only:
             new_coords, new_labels = sample_error_clicks(torch.cat(fed)[:, 0] > 0, targets,
-                                                         valid, generator)  # fmt: skip
+                                                         valid, generator, **rows)  # fmt: skip
             coords, labels = torch.cat([coords, new_coords], 1), torch.cat([labels, new_labels], 1)
         multimask = torch.zeros_like(multimask)
     return total / (n * settings.iterations)
