@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: random-weight SAM checkpoints and the VOC 2007 sample.
+"""Shared pytest fixtures: random-weight SAM checkpoints and the VOC 2007 sample (tests/data).
 
 Fixtures here are the ones several test files need; keep topic-specific fixtures in their own
 test files. No fixture downloads anything: every checkpoint is random (NOT pretrained).
@@ -15,7 +15,7 @@ import torch
 from shared.checkpoint_files import make_random_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VOC_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/voc2007_sample/VOCdevkit/VOC2007"
+VOC_SAMPLE = Path(__file__).resolve().parent / "data/voc2007_sample/VOCdevkit/VOC2007"
 
 # Tests are sized for a 2-core CPU; more threads than cores only adds contention.
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -47,7 +47,6 @@ def vit_b_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def voc_sample_dir() -> Path:
-    """``VOCdevkit/VOC2007`` of the shared VOC 2007 sample (skips the test when it is absent)."""
-    if not (VOC_SAMPLE / "JPEGImages").is_dir():
-        pytest.skip(f"VOC 2007 sample not found at {VOC_SAMPLE}")
+    """``VOCdevkit/VOC2007`` of the VOC 2007 sample that ships in ``tests/data`` (never skipped)."""
+    assert (VOC_SAMPLE / "JPEGImages").is_dir(), f"the VOC 2007 sample is missing at {VOC_SAMPLE}"
     return VOC_SAMPLE

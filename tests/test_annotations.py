@@ -25,8 +25,8 @@ from stage1_embed.annotations import (
 from stage1_embed.images import LoadedImage, orient_array, read_image
 from stage1_embed.sources import ImageSource, plan_sources
 
-VOC = Path(__file__).resolve().parents[2] / "shared/data/voc2007_sample/VOCdevkit/VOC2007"
-needs_voc = pytest.mark.skipif(not VOC.is_dir(), reason="VOC2007 sample not present")
+VOC = Path(__file__).resolve().parent / "data/voc2007_sample/VOCdevkit/VOC2007"
+needs_voc = pytest.mark.usefixtures("voc_sample_dir")  # ships in tests/data: never skipped
 
 
 def _decode(counts: str, size) -> np.ndarray:

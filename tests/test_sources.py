@@ -20,8 +20,8 @@ from stage1_embed.sources import (
     read_voc_splits,
 )
 
-VOC = Path(__file__).resolve().parents[2] / "shared/data/voc2007_sample/VOCdevkit/VOC2007"
-needs_voc = pytest.mark.skipif(not VOC.is_dir(), reason="VOC2007 sample not present")
+VOC = Path(__file__).resolve().parent / "data/voc2007_sample/VOCdevkit/VOC2007"
+needs_voc = pytest.mark.usefixtures("voc_sample_dir")  # ships in tests/data: never skipped
 
 
 def _img(path: Path, size=(8, 6)) -> Path:
