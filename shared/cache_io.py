@@ -100,6 +100,11 @@ def create_cache(location: Location, attrs: CacheAttrs) -> Cache:
 def open_cache(target: str | Path | Location, *, read_only: bool = True) -> Cache:
     """Open an existing cache, validating its format (errors name what was found)."""
     location = target if isinstance(target, Location) else parse_location(target)
+    if location.is_local and not os.path.exists(location.path):
+        raise CacheNotFoundError(
+            f"{location.display} does not exist; check the path, or create a cache there with "
+            "`embed run --images DIR --out PATH`"
+        )
     if not cache_exists(location):
         raise CacheNotFoundError(
             f"{location.display} is not a samcache cache (no zarr.json); "

@@ -7,55 +7,32 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+from shared import cli_support
 
 app = typer.Typer(
     help="Stage 1 of samcache: encode images once into a Zarr embedding cache.",
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
-stdout = Console(soft_wrap=True, highlight=False)  # summaries stay one line per fact (greppable)
+console, stdout = cli_support.console, cli_support.stdout
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors() -> AbstractContextManager[None]:
     """Turn the errors a user can fix into one line without a traceback (exit code 2)."""
-    from shared.cache_format import CacheFormatError, CacheMismatchError
     from shared.storage import CacheLockedError
 
-    try:
-        yield
-    except (ValueError, OSError, CacheFormatError, CacheMismatchError, CacheLockedError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    return cli_support.user_errors({CacheLockedError: 2})
 
 
 @contextmanager
 def progress_bar() -> Iterator:
-    columns = (
-        TextColumn("{task.description:>9}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+    with cli_support.progress(*cli_support.progress_columns(info="{task.fields[rate]}")) as bar:
         tasks: dict[str, int] = {}
 
         def update(phase: str, done: int, total: int) -> None:
@@ -69,7 +46,7 @@ def progress_bar() -> Iterator:
         yield update
 
 
-@app.command()
+@app.command(cls=cli_support.SuggestingCommand)
 def run(
     images: Annotated[
         Path, typer.Option(help="Folder of images (jpg, jpeg, png, bmp, tif, webp).")

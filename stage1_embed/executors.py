@@ -106,9 +106,23 @@ def run_dask(
             window = max_in_flight or 2 * max(1, n_workers)
             _drain(client, spec, items, on_done, images_per_task, window)
         finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            _close_bounded(client, cluster)
+
+
+def _close_bounded(client: Any, cluster: Any, timeout: float = 30.0) -> None:
+    """Close the client and our own cluster without ever hanging the run at the end.
+
+    Everything is committed by now; a shutdown that stalls (seen after killed workers: a lock
+    error inside distributed's teardown) is logged and abandoned; worker processes are daemons
+    of this process and end with it.
+    """
+    for what, closing in (("client", client), ("cluster", cluster)):
+        if closing is None:
+            continue
+        try:
+            closing.close(timeout=timeout)
+        except Exception as exc:  # a teardown error must not fail a finished run
+            log.warning("closing the Dask %s failed (%s); continuing", what, exc)
 
 
 def _drain(

@@ -8,6 +8,7 @@ changed; when nothing is, the model is never loaded.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from shared.cache_format import LOCK_NAME, STATUS_OK, CacheAttrs, check_same_model
+from shared.cache_format import (
+    LOCK_NAME,
+    STATUS_OK,
+    CacheAttrs,
+    CacheMismatchError,
+    check_same_model,
+)
 from shared.cache_io import (
     cache_exists,
     create_cache,
@@ -157,7 +164,7 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSumma
     location = parse_location(config.out)
     checkpoint = resolve_checkpoint(
         config.model_type,
-        Path(config.checkpoint) if config.checkpoint else None,
+        _known_checkpoint(location, config),
         download=config.download,
     )
     checkpoint_sha = file_sha256(checkpoint)
@@ -230,6 +237,27 @@ def _images_per_task(n_images: int, batch_size: int, workers: int) -> int:
     return max(1, min(max(4, batch_size), per_worker))
 
 
+def _known_checkpoint(location: Location, config: EmbedConfig) -> Path | None:
+    """``--checkpoint``, else the file an existing cache was made with (if it is still there).
+
+    The cache is read first: a cache of another model type is refused before any checkpoint is
+    looked up or downloaded, naming the model type to pass.
+    """
+    if config.checkpoint:
+        return Path(config.checkpoint)
+    if not cache_exists(location):
+        return None
+    attrs = open_cache(location).attrs
+    if attrs.model_type != config.model_type:
+        raise CacheMismatchError(
+            f"{location.display} was made with {attrs.describe_model()}; --model-type is "
+            f"{config.model_type}. Pass --model-type {attrs.model_type} to add images to it, "
+            "or write a new cache with another --out."
+        )
+    hint = Path(attrs.checkpoint_path) if attrs.checkpoint_path else None
+    return hint if hint is not None and hint.is_file() else None
+
+
 def _ensure_writable(location: Location) -> None:
     """Create the cache folder now, so an unwritable --out fails before any work.
 
@@ -242,7 +270,22 @@ def _ensure_writable(location: Location) -> None:
                 f"bucket {bucket!r} of --out {location.display} does not exist (or is not "
                 "visible with these credentials); create it first"
             )
+    if location.is_local and not cache_exists(location) and _has_entries(location.path):
+        entries = sorted(os.listdir(location.path))
+        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+        raise OSError(
+            f"--out {location.display} is a folder that is not a samcache cache and is not "
+            f"empty ({shown}); pass a new or empty folder (nothing there was changed)"
+        )
     try:
         location.fs.makedirs(location.path, exist_ok=True)
     except OSError as exc:
         raise OSError(f"cannot write --out {location.display}: {exc.strerror or exc}") from exc
+
+
+def _has_entries(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    if not os.path.isdir(path):
+        raise OSError(f"--out {path} is a file; pass a folder path for the cache")
+    return any(True for _ in os.scandir(path))

@@ -28,6 +28,7 @@ import typer
 from pycocotools import mask as mask_utils
 
 from shared.cache_io import ok_rows, read_embeddings
+from shared.output_folders import claim_output_folder
 from shared.transforms import coords_to_1024, postprocess_low_res
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.export import load_models
@@ -293,6 +294,7 @@ def run_amg(
     (else the cache's zero-shot one); writes ``amg_<model>.json`` (COCO results: image_id,
     category_id 0, segmentation RLE, score = predicted IoU, bbox, area, stability_score,
     point_coords) and ``overlays/<image_id>.png``. Returns (results path, images, masks)."""
+    claim_output_folder(out, "decoder amg")
     models = load_models(cache, run=run, checkpoint=checkpoint, which=which, zero_shot=run is None)
     name, model = next(reversed(models.decoders.items()))
     torch_device = resolve_device(device)

@@ -7,14 +7,12 @@ Thin: options → ``TrainConfig`` → ``train.train``; errors a user can fix bec
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,34 +22,33 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from shared import cli_support
+
 app = typer.Typer(
     help="Stage 2 of samcache: fine-tune SAM's mask decoder from an embedding cache.",
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = cli_support.console
 
 
-@contextmanager
-def user_errors(out: str | None = None) -> Iterator[None]:
+def user_errors(out: str | None = None) -> AbstractContextManager[None]:
     """Known errors → one line without a traceback (exit 2; 3 for a non-finite loss).
 
     ``out``: the run folder of `decoder train`, named in the resume hint after Ctrl-C.
     """
     from stage2_decoder.step import NonFiniteLossError
 
-    try:
-        yield
-    except NonFiniteLossError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(3) from None
-    except (ValueError, OSError) as exc:  # config, cache, checkpoint and resume errors
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        hint = f"; continue with `decoder train --out {out} … --resume`" if out else ""
-        console.print(f"interrupted{escape(hint)}", highlight=False)
-        raise typer.Exit(130) from None
+    return cli_support.user_errors({NonFiniteLossError: 3}, lambda: _resume_hint(out))
+
+
+def _resume_hint(out: str | None) -> str:
+    """How to continue after Ctrl-C: only once a checkpoint exists to continue from."""
+    if not out:
+        return ""
+    if (Path(out) / "last.pt").is_file():
+        return f"; continue with `decoder train --out {out} … --resume`"
+    return f"; no checkpoint was written yet ({out}/last.pt): start the run again"
 
 
 class RichProgress:
@@ -89,8 +86,7 @@ class RichProgress:
         self.bar.stop()
 
 
-def _warn(text: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+_warn = cli_support.warn
 
 
 @app.callback()
@@ -104,7 +100,7 @@ def _explicit_options(ctx: typer.Context) -> set[str]:
     return {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in given}
 
 
-@app.command()
+@app.command(cls=cli_support.SuggestingCommand)
 def train(
     ctx: typer.Context,
     cache: Annotated[str, typer.Option(help="Cache made by `embed run` (with masks).")],

@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from shared.output_folders import claim_output_folder
 from stage2_decoder.checkpoints import atomic_write, write_json
 from stage2_decoder.dataset import DataError
 from stage2_decoder.evaluate import (
@@ -199,6 +200,7 @@ def write_reports(report: EvalReport, out: str | Path) -> list[Path]:
 def run_eval(config: EvalConfig, progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Load the decoders, evaluate the split's objects, write the reports into ``config.out``."""
     started = time.perf_counter()
+    claim_output_folder(config.out, "decoder eval")
     models = load_models(
         config.cache, run=config.run, checkpoint=config.checkpoint, which=config.which
     )

@@ -37,6 +37,7 @@ import typer
 from pycocotools import mask as mask_utils
 
 from shared.cache_io import ok_rows, read_embeddings
+from shared.output_folders import claim_output_folder
 from shared.transforms import postprocess_low_res
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.export import Models, load_models
@@ -204,6 +205,7 @@ def _result_entry(prompt: Prompt, image_id: str, prediction: Prediction, k: int)
 
 def run_predict(config: PredictConfig) -> PredictSummary:
     """Predict, then write masks, overlays and COCO results under ``config.out``."""
+    claim_output_folder(config.out, "decoder predict")
     models = load_models(
         config.cache, run=config.run, checkpoint=config.checkpoint, which=config.which,
         zero_shot=config.compare or not config.run,

@@ -31,6 +31,7 @@ from shared.cache_format import CacheAttrs, check_same_model
 from shared.cache_io import open_cache
 from shared.checkpoint_files import resolve_checkpoint
 from shared.hashing import file_sha256
+from shared.output_folders import claim_output_folder
 from shared.sam_models import (
     CheckpointError,
     build_prompt_and_mask_decoder,
@@ -303,6 +304,7 @@ def _resume_config(
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
     out = Path(config.out)
     if not config.resume:
+        claim_output_folder(out, "decoder train")
         if (out / ck.LAST).exists():
             raise ck.ResumeError(
                 f"{out} already holds a run ({ck.LAST}); pass --resume to continue it, "
@@ -310,6 +312,7 @@ def _resume_config(
             )
         return config, None
     state = ck.load_checkpoint(out / ck.LAST)
+    claim_output_folder(out, "decoder train", adopt=True)  # it holds our last.pt
     merged, conflicts = merge_resumed(TrainConfig.from_dict(state["config"]), config, explicit)
     for conflict in conflicts:
         warn(f"--resume keeps the checkpoint's options; ignoring {conflict}")

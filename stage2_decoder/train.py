@@ -247,6 +247,15 @@ def fit(run: Run, progress: Progress) -> Summary:
     batches = iter(_loader(data, range(first_micro, len(data)), config, run.device))
     sink = ck.MetricSink(run.out / ck.METRICS, enabled=main)
     window, totals, last_val = _Window(), _Window(), run.last_val
+    if run.start_step and main:
+        where = (
+            f"epoch {start_epoch + 1} of {config.epochs}"
+            if run.start_step < run.total_steps
+            else "the run is complete: nothing left to train"
+        )
+        progress.message(
+            f"resuming from step {run.start_step} of {run.total_steps} ({where}) in {run.out}"
+        )
     progress.start(run.total_steps, run.start_step)
     run.model.train()
     for step in range(run.start_step, run.total_steps):

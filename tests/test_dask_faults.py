@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -127,12 +129,31 @@ def reference(images, tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+CLUSTER_SCRIPT = """
+import json, sys, time
+import dask
+from dask.distributed import LocalCluster
+
+settings, plugin, ready = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+with dask.config.set(settings):
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None, preload=[plugin])
+    with open(ready + ".tmp", "w") as f:
+        f.write(cluster.scheduler_address)
+    import os; os.replace(ready + ".tmp", ready)
+    while True:  # ended by the test (SIGKILL of the whole process group)
+        time.sleep(3600)
+"""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """A scheduler with 2 one-thread worker processes running the fault plugin."""
-    import dask
-    from dask.distributed import LocalCluster
+    """A scheduler with 2 one-thread worker processes running the fault plugin.
 
+    The cluster lives in its own process group, started here and ended with SIGKILL: an
+    in-process ``LocalCluster`` shut down after killed workers sometimes hung in its teardown
+    (a lock error in distributed), which no test may depend on.
+    """
     control = tmp_path_factory.mktemp("faults")
     plugin = control / "samcache_test_faults.py"
     plugin.write_text(PLUGIN.format(control=str(control)))
@@ -140,10 +161,21 @@ def cluster(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     # shrinking after crashes), plus 1 allowed failure: a worker death counts against the task
     # it ran, so the poison test costs 2 deaths per task instead of Dask's default 4.
     settings = {**LOCAL_CLUSTER_CONFIG, "distributed.scheduler.allowed-failures": 1}
-    with dask.config.set(settings):
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                          dashboard_address=None, preload=[str(plugin)]) as running:  # fmt: skip
-            yield running.scheduler_address, control
+    ready = control / "scheduler-address"
+    process = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(settings), str(plugin), str(ready)],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            assert process.poll() is None, "the Dask cluster process exited at start-up"
+            assert time.monotonic() < deadline, "the Dask cluster did not start in 180 s"
+            time.sleep(0.1)
+        yield ready.read_text(), control
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # scheduler, nannies and workers at once
+        process.wait(timeout=60)
 
 
 def _run_in_thread(config: EmbedConfig) -> tuple[threading.Thread, dict]:

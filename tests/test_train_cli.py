@@ -74,4 +74,4 @@ def test_errors_are_one_line(cache: str, tiny_checkpoint: Path, tmp_path: Path) 
     assert "was made without masks: run `embed run --masks/--coco` or use a VOC layout" in text
     text = _one_line_error(_invoke("--cache", str(tmp_path / "none.zarr"), "--out",
                                    str(tmp_path / "r")))  # fmt: skip
-    assert "is not a samcache cache" in text
+    assert "does not exist" in text and "embed run" in text
