@@ -70,27 +70,36 @@ def warn(text: str) -> None:
 
 @contextmanager
 def user_errors(
-    exit_codes: dict[type[BaseException], int] | None = None,
+    exit_codes: dict[type[BaseException] | str, int] | None = None,
     interrupted: Callable[[], str] | None = None,
 ) -> Iterator[None]:
     """Errors a user can fix → one line without a traceback.
 
-    ``exit_codes``: exception types with their own exit code (checked first); ValueError and
-    OSError (config, cache, checkpoint, file errors) exit 2. Ctrl-C exits 130 after the line
+    ``exit_codes``: exception types (or class names, so that the command need not import the
+    module that defines them) with their own exit code; ValueError and OSError (config, cache,
+    checkpoint, file errors) exit 2. Ctrl-C exits 130 after the line
     ``interrupted()`` gives (e.g. how to resume).
     """
     special = tuple((exit_codes or {}).items())
+
+    def code_of(exc: BaseException, default: int | None) -> int | None:
+        names = {kind.__name__ for kind in type(exc).__mro__}
+        for kind, code in special:
+            if (kind in names) if isinstance(kind, str) else isinstance(exc, kind):
+                return code
+        return default
+
     try:
         yield
     except (ValueError, OSError) as exc:
-        code = next((c for kind, c in special if isinstance(exc, kind)), 2)
+        code = code_of(exc, 2)
         print_error(str(exc))
         raise typer.Exit(code) from None
     except KeyboardInterrupt:
         console.print(escape(f"interrupted{interrupted() if interrupted else ''}"), highlight=False)
         raise typer.Exit(130) from None
     except BaseException as exc:
-        code = next((c for kind, c in special if isinstance(exc, kind)), None)
+        code = code_of(exc, None)
         if code is None:
             raise
         print_error(str(exc))

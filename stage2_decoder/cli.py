@@ -37,9 +37,7 @@ def user_errors(out: str | None = None) -> AbstractContextManager[None]:
 
     ``out``: the run folder of `decoder train`, named in the resume hint after Ctrl-C.
     """
-    from stage2_decoder.step import NonFiniteLossError
-
-    return cli_support.user_errors({NonFiniteLossError: 3}, lambda: _resume_hint(out))
+    return cli_support.user_errors({"NonFiniteLossError": 3}, lambda: _resume_hint(out))
 
 
 def _resume_hint(out: str | None) -> str:
@@ -164,8 +162,7 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune the mask decoder on the cache's objects; validate and checkpoint every epoch."""
-    from stage2_decoder.config import TrainConfig
-    from stage2_decoder.train import train as run_training
+    from stage2_decoder.config import TrainConfig  # light: bad options fail before torch loads
 
     progress = RichProgress()
     with user_errors(str(out)):
@@ -179,6 +176,8 @@ def train(
             num_workers=num_workers, log_every=log_every, checkpoint_every=checkpoint_every,
             resume=resume,
         )  # fmt: skip
+        from stage2_decoder.train import train as run_training
+
         try:
             summary = run_training(
                 config, explicit=_explicit_options(ctx), progress=progress, warn=_warn
