@@ -24,6 +24,7 @@ from shared.cache_io import (
     open_cache,
     read_manifest,
     remove_stale_temps,
+    upgrade_format,
     utc_now,
 )
 from shared.checkpoint_files import resolve_checkpoint
@@ -130,6 +131,7 @@ def _open_or_create(location: Location, config: EmbedConfig, ckpt: Path, sha: st
                 f"{location.display} stores {cache.attrs.dtype} embeddings; --dtype "
                 f"{config.dtype} was given. Drop --dtype or write a new cache with --out."
             )
+        upgrade_format(cache)  # a version-1 cache becomes version 2 (cache_layout.md)
         return cache.attrs
     attrs = CacheAttrs(
         model_type=config.model_type,

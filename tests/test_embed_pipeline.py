@@ -40,7 +40,7 @@ def voc_cache(tmp_path_factory, voc_sample_dir, tiny_checkpoint) -> Path:
 def test_layout_and_attributes(voc_cache: Path, tiny_checkpoint: Path) -> None:
     meta = json.loads((voc_cache / "zarr.json").read_text())
     attrs = meta["attributes"]["samcache"]
-    assert attrs["format"] == "samcache-embeddings" and attrs["format_version"] == 1
+    assert attrs["format"] == "samcache-embeddings" and attrs["format_version"] == 2
     assert attrs["model_type"] == "vit_tiny_random"
     import hashlib
 
