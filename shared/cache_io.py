@@ -180,6 +180,26 @@ def free_rows_on_disk(cache: Cache, rows: Sequence[int]) -> None:
             array[row : row + 1] = zeros
 
 
+def stored_rows(cache: Cache) -> set[int]:
+    """Rows whose chunk exists in the store (unwritten and deleted rows read as the fill value)."""
+    array = cache.embeddings
+    key = array.metadata.encode_chunk_key((0,) * array.ndim)  # e.g. "c/0/0/0/0"
+    prefix, tail = key.split("/", 1)[0], key.split("/", 2)[2]
+    root = cache.location.join(EMBEDDINGS, prefix)
+    if cache.location.is_local:
+        if not os.path.isdir(root):
+            return set()
+        names = [n for n in os.listdir(root) if n.isdigit()]
+        return {int(n) for n in names if os.path.exists(os.path.join(root, n, tail))}
+    found = cache.location.fs.find(root)
+    rows = set()
+    for path in found:
+        part = path[len(root.rstrip("/")) + 1 :].split("/", 1)
+        if part[0].isdigit() and len(part) == 2 and part[1] == tail:
+            rows.add(int(part[0]))
+    return rows
+
+
 def write_embedding(array: zarr.Array, row: int, embedding: np.ndarray) -> None:
     """Write one row (one whole chunk) in the array's dtype."""
     array[row] = np.asarray(embedding, dtype=array.dtype).reshape(EMBEDDING_SHAPE)
@@ -343,7 +363,10 @@ def live_manifest_files(names: Sequence[str], state: ManifestState) -> list[str]
     return ([state.base] if state.base else []) + parts
 
 
-def _read_files(location: Location, names: list[str], columns: list[str] | None) -> pa.Table:
+def read_manifest_files(
+    location: Location, names: Sequence[str], columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of the named ``manifest/`` files (see ``live_manifest_files``)."""
     if not names:
         return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
     dataset = pds.dataset(
@@ -367,7 +390,7 @@ def read_manifest_all(location: Location, columns: list[str] | None = None) -> p
         raw = _read_pointer(location)
         names = live_manifest_files(manifest_names(location), _parse_pointer(raw, location.display))
         try:
-            table = _read_files(location, names, columns)
+            table = read_manifest_files(location, names, columns)
         except OSError:
             if _read_pointer(location) == raw:
                 raise  # not a compaction: a real error
@@ -380,17 +403,21 @@ def read_manifest_all(location: Location, columns: list[str] | None = None) -> p
     )
 
 
-def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
-    """The winning row per ``image_id`` (largest ``committed_ns``), sorted by ``image_id``."""
-    wanted = None if columns is None else sorted({*columns, "image_id", "committed_ns"})
-    table = read_manifest_all(location, wanted)
+def winning_rows(table: pa.Table) -> pa.Table:
+    """The row with the largest ``committed_ns`` per ``image_id``, sorted by ``image_id``."""
     if table.num_rows == 0:
-        return table if columns is None else table.select(columns)
+        return table
     table = table.sort_by([("image_id", "ascending"), ("committed_ns", "ascending")])
     ids = table.column("image_id")
     last_of_run = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
     keep = pa.concat_arrays([last_of_run.combine_chunks(), pa.array([True])])
-    table = table.filter(keep)
+    return table.filter(keep)
+
+
+def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """The winning row per ``image_id`` (largest ``committed_ns``), sorted by ``image_id``."""
+    wanted = None if columns is None else sorted({*columns, "image_id", "committed_ns"})
+    table = winning_rows(read_manifest_all(location, wanted))
     return table if columns is None else table.select(columns)
 
 
