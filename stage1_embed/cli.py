@@ -150,8 +150,9 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
     rate = f", {summary.images_per_second:.2f} images/s" if summary.encoded else ""
     out.print(
         f"{summary.cache}: {summary.total} images; {summary.cached_before} already cached, "
-        f"{summary.relabelled} relabelled, {summary.encoded} encoded, {len(summary.failed)} "
-        f"failed in {summary.seconds:.1f} s{rate}"
+        + (f"{summary.relabelled} relabelled, " if summary.relabelled else "")
+        + f"{summary.encoded} encoded, {len(summary.failed)} failed in {summary.seconds:.1f} s"
+        + rate
         + ("" if summary.model_loaded else " (nothing to encode: model not loaded)"),
         highlight=False,
     )

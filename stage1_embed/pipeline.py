@@ -28,7 +28,6 @@ from shared.cache_io import (
     cache_exists,
     create_cache,
     open_cache,
-    read_manifest_all,
     remove_stale_temps,
     upgrade_format,
     utc_now,
@@ -39,13 +38,7 @@ from shared.storage import CacheLock, Location, parse_location
 from stage1_embed.annotations import annotation_fingerprint
 from stage1_embed.config import EmbedConfig
 from stage1_embed.executors import run_dask, run_local
-from stage1_embed.relabel import (
-    EMBEDDING_COLUMNS,
-    Relabel,
-    commit_relabels,
-    embeddings_by_sha,
-    winners_by_id,
-)
+from stage1_embed.relabel import Key, ManifestIndex, Relabel, commit_relabels, manifest_records
 from stage1_embed.sources import ImageSource, plan_sources
 from stage1_embed.work import BatchResult, EncodeSpec, WorkItem
 
@@ -116,22 +109,22 @@ def make_plan(
     Same bytes and annotation as the winning ``ok`` row: cached. Bytes some manifest row has an
     embedding of: relabelled onto that row (the image's own row first). Otherwise: encoded.
     """
-    history = read_manifest_all(location, EMBEDDING_COLUMNS)
-    known = winners_by_id(history)
-    by_sha = embeddings_by_sha(history)
+    index = ManifestIndex.read(location)
     plan = Plan(len(sources), [], 0, 0, 0)
     first_of_sha: set[str] = set()
+    pending: list[tuple[ImageSource, str, Key, Key | None]] = []  # relabels, by manifest key
     for source, (sha, annotation_sha) in zip(sources, hashes, strict=True):
         plan.hashes[source.image_id] = (sha, annotation_sha)
-        previous = known.get(source.image_id)
-        if previous is not None and previous["status"] == STATUS_OK and sha:
-            if (previous["sha256"], previous["annotation_sha256"]) == (sha, annotation_sha):
+        previous = index.known.get(source.image_id)
+        own_key = None if previous is None else (source.image_id, previous[4])
+        if previous is not None and previous[2] == STATUS_OK and sha:
+            if previous[:2] == (sha, annotation_sha):
                 plan.cached += 1
                 continue
-        own = previous is not None and previous["sha256"] == sha and previous["row"] >= 0
-        if sha and (own or sha in by_sha):
-            embedding = previous if own else by_sha[sha]
-            plan.relabel.append(Relabel(source, sha, embedding, previous))  # type: ignore[arg-type]
+        own = own_key is not None and previous[0] == sha and previous[3] >= 0  # type: ignore[index]
+        shared = own_key if own else index.by_sha.get(sha) if sha else None
+        if shared is not None:
+            pending.append((source, sha, shared, own_key))
         elif sha and sha in first_of_sha:
             plan.duplicates.append(source)
         else:
@@ -139,10 +132,16 @@ def make_plan(
             plan.todo.append(source)
             if previous is None:
                 continue
-            if previous["status"] != STATUS_OK:
+            if previous[2] != STATUS_OK:
                 plan.retried += 1
             else:
                 plan.changed += 1
+    keys = {key for _, _, key, _ in pending} | {own for *_, own in pending if own is not None}
+    records = manifest_records(location, keys)
+    plan.relabel = [
+        Relabel(source, sha, records[key], None if own is None else records[own])
+        for source, sha, key, own in pending
+    ]
     return plan
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shared.cache_format import LOCK_NAME, STATUS_FAILED, STATUS_OK
 from shared.cache_io import (
@@ -60,14 +61,55 @@ class Relabel:
     previous: dict[str, Any] | None = None  # the image's own winning row, when it has one
 
 
-def embeddings_by_sha(history: pa.Table) -> dict[str, dict[str, Any]]:
-    """Image sha256 → the latest manifest row of those bytes that has an embedding (row ≥ 0)."""
-    table = history.sort_by([("committed_ns", "ascending")])
-    out: dict[str, dict[str, Any]] = {}
-    for record in table.to_pylist():
-        if record["row"] is not None and record["row"] >= 0 and record["sha256"]:
-            out[record["sha256"]] = record
-    return out
+PLAN_COLUMNS = ["image_id", "committed_ns", "row", "sha256", "annotation_sha256", "status"]
+Key = tuple[str, int]  # (image_id, committed_ns): one manifest row
+
+
+@dataclass(frozen=True)
+class ManifestIndex:
+    """What planning needs of the manifest, kept small for 100k-image caches.
+
+    known: image_id → its winning row's (sha256, annotation_sha256, status, row, committed_ns).
+    by_sha: image sha256 → the key of the latest manifest row of those bytes with ``row ≥ 0``.
+    """
+
+    known: dict[str, tuple[str, str, str, int, int]]
+    by_sha: dict[str, Key]
+
+    @classmethod
+    def read(cls, location: Location) -> ManifestIndex:
+        history = read_manifest_all(location, PLAN_COLUMNS)
+        winners = winning_rows(history)
+        values = [winners.column(c).to_pylist() for c in PLAN_COLUMNS[1:]]
+        ns, rows, shas, annotations, statuses = values
+        known = dict(
+            zip(
+                winners.column("image_id").to_pylist(),
+                zip(shas, annotations, statuses, rows, ns, strict=True),
+                strict=True,
+            )
+        )
+        with_rows = history.filter(pc.greater_equal(history.column("row"), 0))
+        with_rows = with_rows.sort_by([("committed_ns", "ascending")])
+        keys = zip(
+            with_rows.column("image_id").to_pylist(),
+            with_rows.column("committed_ns").to_pylist(),
+            strict=True,
+        )
+        by_sha = dict(zip(with_rows.column("sha256").to_pylist(), keys, strict=True))
+        by_sha.pop("", None)
+        return cls(known, by_sha)
+
+
+def manifest_records(location: Location, keys: set[Key]) -> dict[Key, dict[str, Any]]:
+    """The ``EMBEDDING_COLUMNS`` of the manifest rows ``keys`` (read only when relabelling)."""
+    if not keys:
+        return {}
+    history = read_manifest_all(location, EMBEDDING_COLUMNS)
+    wanted = pa.array(sorted({image_id for image_id, _ in keys}))
+    history = history.filter(pc.is_in(history.column("image_id"), value_set=wanted))
+    records = {(r["image_id"], r["committed_ns"]): r for r in history.to_pylist()}
+    return {key: records[key] for key in keys}
 
 
 def winners_by_id(history: pa.Table) -> dict[str, dict[str, Any]]:
