@@ -13,11 +13,14 @@ from typing import Any
 import pyarrow as pa
 
 FORMAT_NAME = "samcache-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows shared by images and relabels, manifest compaction (cache_layout.md)
+READABLE_VERSIONS = (1, 2)  # version 1 is read as is and upgraded in place by the next writer
 ATTRS_KEY = "samcache"  # group attributes live under this key of zarr.json
 EMBEDDINGS = "embeddings"
 MANIFEST_DIR = "manifest"
 LOCK_NAME = "embed.lock"
+MANIFEST_POINTER = "_current.json"  # inside manifest/: the compacted base, merged names, free rows
+BASE_PREFIX = "base-"  # a compacted manifest file (only the one the pointer names is read)
 FRAGMENT_PREFIX = "part-"
 TEMP_PREFIX = ".tmp-"  # pyarrow datasets ignore names starting with "." or "_"
 
@@ -73,6 +76,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("ignore_target_rle", pa.string()),
         ("precision", pa.string()),
         ("committed_ns", pa.int64()),
+        # format 2; null in version-1 fragments (pyarrow fills a missing column with nulls)
+        ("exif_orientation", pa.int32()),  # EXIF orientation applied (1..8); null: unknown
+        ("embedding_checksum", pa.string()),  # "algo:hex" of the embedding row; null: not recorded
     ]
 )
 
@@ -125,10 +131,11 @@ class CacheAttrs:
         if fmt != FORMAT_NAME:
             raise CacheFormatError(f"{where}: format is {fmt!r}, expected {FORMAT_NAME!r}")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        if not isinstance(version, int) or version not in READABLE_VERSIONS:
             raise CacheFormatError(
                 f"{where}: format_version is {version!r}; this samcache reads versions "
-                f"1..{FORMAT_VERSION}. Upgrade samcache or re-create the cache."
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade samcache or re-create the "
+                "cache."
             )
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}

@@ -8,11 +8,12 @@ other fsspec URLs use ``FsspecStore``, where every object PUT is atomic (see cac
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,13 @@ import zarr.storage
 
 from shared.cache_format import (
     ATTRS_KEY,
+    BASE_PREFIX,
     EMBEDDING_SHAPE,
     EMBEDDINGS,
+    FORMAT_VERSION,
     FRAGMENT_PREFIX,
     MANIFEST_DIR,
+    MANIFEST_POINTER,
     MANIFEST_SCHEMA,
     STATUS_OK,
     TEMP_PREFIX,
@@ -136,6 +140,71 @@ def grow_embeddings(cache: Cache, n_new: int) -> range:
     return range(start, start + n_new)
 
 
+def upgrade_format(cache: Cache) -> bool:
+    """Mark a version-1 cache as version 2 (call while holding the lock); True if it changed.
+
+    Version 1 is a subset of version 2 (no compaction pointer, no shared rows), so nothing but
+    the attribute changes; afterwards a samcache that reads only version 1 refuses the cache.
+    """
+    if cache.attrs.format_version >= FORMAT_VERSION:
+        return False
+    cache.attrs = replace(cache.attrs, format_version=FORMAT_VERSION)
+    cache.group.update_attributes({ATTRS_KEY: cache.attrs.to_dict()})
+    return True
+
+
+def allocate_rows(cache: Cache, n_new: int) -> list[int]:
+    """``n_new`` rows for new embeddings, growing the array when needed. Coordinator only.
+
+    The manifest decides, not the array's shape alone (a stale handle can revert a resize):
+    rows that the last compaction freed and no manifest row uses come first, then rows after
+    both the array's end and the largest row any manifest row names. Rows of a killed run that
+    were never committed are not reused (a Dask task of that run may still be writing them);
+    `embed compact` frees them.
+    """
+    if n_new <= 0:
+        return []
+    state = read_manifest_state(cache.location)
+    used = read_manifest_all(cache.location, ["row"]).column("row").to_numpy(zero_copy_only=False)
+    in_use = set(used[used >= 0].tolist())
+    rows = [r for r in state.free_rows if r not in in_use][:n_new]
+    array = cache.embeddings
+    start = max(array.shape[0], int(used.max()) + 1 if len(used) else 0)
+    rows += range(start, start + n_new - len(rows))
+    if max(rows) >= array.shape[0]:
+        array.resize((max(rows) + 1, *EMBEDDING_SHAPE))
+    return rows
+
+
+def free_rows_on_disk(cache: Cache, rows: Sequence[int]) -> None:
+    """Delete the chunks of ``rows`` (a row of fill values is not stored: zarr removes it)."""
+    array = cache.embeddings
+    zeros = np.zeros((1, *EMBEDDING_SHAPE), dtype=array.dtype)
+    for row in sorted(rows):
+        if row < array.shape[0]:
+            array[row : row + 1] = zeros
+
+
+def stored_rows(cache: Cache) -> set[int]:
+    """Rows whose chunk exists in the store (unwritten and deleted rows read as the fill value)."""
+    array = cache.embeddings
+    key = array.metadata.encode_chunk_key((0,) * array.ndim)  # e.g. "c/0/0/0/0"
+    prefix, tail = key.split("/", 1)[0], key.split("/", 2)[2]
+    root = cache.location.join(EMBEDDINGS, prefix)
+    if cache.location.is_local:
+        if not os.path.isdir(root):
+            return set()
+        names = [n for n in os.listdir(root) if n.isdigit()]
+        return {int(n) for n in names if os.path.exists(os.path.join(root, n, tail))}
+    found = cache.location.fs.find(root)
+    rows = set()
+    for path in found:
+        part = path[len(root.rstrip("/")) + 1 :].split("/", 1)
+        if part[0].isdigit() and len(part) == 2 and part[1] == tail:
+            rows.add(int(part[0]))
+    return rows
+
+
 def write_embedding(array: zarr.Array, row: int, embedding: np.ndarray) -> None:
     """Write one row (one whole chunk) in the array's dtype."""
     array[row] = np.asarray(embedding, dtype=array.dtype).reshape(EMBEDDING_SHAPE)
@@ -184,6 +253,28 @@ def commit_fragment(location: Location, table: pa.Table) -> str:
     return name
 
 
+def write_base(location: Location, table: pa.Table) -> str:
+    """Write a compacted manifest file ``base-<ns>-<uuid>.parquet`` (unread until the pointer
+    names it); returns its name."""
+    name = f"{BASE_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+    path = location.join(MANIFEST_DIR, name)
+    if not location.is_local:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        location.fs.pipe_file(path, sink.getvalue().to_pybytes())
+        return name
+    atomic_write(path, lambda handle: pq.write_table(table, handle), temp_prefix=TEMP_PREFIX)
+    return name
+
+
+def remove_manifest_file(location: Location, name: str) -> None:
+    """Delete one file of ``manifest/``; a file already gone is fine."""
+    try:
+        location.fs.rm_file(location.join(MANIFEST_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
 def remove_stale_temps(location: Location) -> int:
     """Delete ``.tmp-`` fragments left by a killed writer. Call only while holding the lock."""
     manifest_dir = location.join(MANIFEST_DIR)
@@ -195,15 +286,96 @@ def remove_stale_temps(location: Location) -> int:
     return len(stale)
 
 
-def read_manifest_all(location: Location, columns: list[str] | None = None) -> pa.Table:
-    """Every committed row, superseded ones included (for `embed status` history)."""
+@dataclass(frozen=True)
+class ManifestState:
+    """``manifest/_current.json``, written by `embed compact` (absent before any compaction).
+
+    base: the compacted file holding every winning row up to the compaction (None: none yet).
+    merged: files merged into ``base`` that may still exist (a compaction killed before deleting
+    them); readers skip them. free_rows: embedding rows the compaction freed (chunks deleted),
+    reused by the next `embed run` before the array grows.
+    """
+
+    base: str | None = None
+    merged: tuple[str, ...] = ()
+    free_rows: tuple[int, ...] = ()
+    compacted_at: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+def _read_pointer(location: Location) -> bytes:
+    path = location.join(MANIFEST_DIR, MANIFEST_POINTER)
+    try:
+        if location.is_local:
+            return Path(path).read_bytes()
+        location.fs.invalidate_cache(path)
+        return bytes(location.fs.cat_file(path))
+    except FileNotFoundError:
+        return b""
+
+
+def _parse_pointer(raw: bytes, where: str) -> ManifestState:
+    if not raw:
+        return ManifestState()
+    try:
+        data = json.loads(raw)
+        return ManifestState(
+            base=data.get("base"),
+            merged=tuple(data.get("merged", ())),
+            free_rows=tuple(int(r) for r in data.get("free_rows", ())),
+            compacted_at=str(data.get("compacted_at", "")),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CacheFormatError(
+            f"{where}: {MANIFEST_DIR}/{MANIFEST_POINTER} is unreadable ({exc})"
+        ) from None
+
+
+def read_manifest_state(location: Location) -> ManifestState:
+    return _parse_pointer(_read_pointer(location), location.display)
+
+
+def write_manifest_state(location: Location, state: ManifestState) -> None:
+    """Replace the pointer in one step (``os.replace`` locally, one PUT on object stores)."""
+    path = location.join(MANIFEST_DIR, MANIFEST_POINTER)
+    if location.is_local:
+        atomic_write(path, lambda handle: handle.write(state.to_json()), temp_prefix=TEMP_PREFIX)
+    else:
+        location.fs.pipe_file(path, state.to_json())
+
+
+def manifest_names(location: Location) -> list[str]:
+    """Names of every file in ``manifest/`` (fragments, bases, temps, the pointer)."""
     manifest_dir = location.join(MANIFEST_DIR)
-    if not location.is_local:
-        location.fs.invalidate_cache(manifest_dir)  # other processes commit fragments too
+    if location.is_local:
+        return sorted(os.listdir(manifest_dir)) if os.path.isdir(manifest_dir) else []
+    location.fs.invalidate_cache(manifest_dir)  # other processes commit fragments too
     if not location.fs.exists(manifest_dir):
+        return []
+    return sorted(p.rsplit("/", 1)[-1] for p in location.fs.ls(manifest_dir, detail=False))
+
+
+def live_manifest_files(names: Sequence[str], state: ManifestState) -> list[str]:
+    """The files that make the manifest: the pointer's base, then fragments not merged into it."""
+    merged = set(state.merged)
+    parts = [
+        n
+        for n in names
+        if n.startswith(FRAGMENT_PREFIX) and n.endswith(".parquet") and n not in merged
+    ]
+    return ([state.base] if state.base else []) + parts
+
+
+def read_manifest_files(
+    location: Location, names: Sequence[str], columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of the named ``manifest/`` files (see ``live_manifest_files``)."""
+    if not names:
         return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
     dataset = pds.dataset(
-        manifest_dir,
+        [location.join(MANIFEST_DIR, n) for n in names],
         format="parquet",
         schema=MANIFEST_SCHEMA,
         filesystem=None if location.is_local else location.fs,
@@ -212,17 +384,45 @@ def read_manifest_all(location: Location, columns: list[str] | None = None) -> p
     return dataset.to_table(columns=columns)
 
 
-def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
-    """The winning row per ``image_id`` (largest ``committed_ns``), sorted by ``image_id``."""
-    wanted = None if columns is None else sorted({*columns, "image_id", "committed_ns"})
-    table = read_manifest_all(location, wanted)
+def read_manifest_all(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """Every committed row, superseded ones included (for `embed status` history).
+
+    A compaction may switch the manifest while this reads it: the pointer is read before and
+    after the files, and the read is redone when it changed (or a file vanished), so a reader
+    gets the manifest before or after a compaction, never a mix.
+    """
+    for _ in range(10):
+        raw = _read_pointer(location)
+        names = live_manifest_files(manifest_names(location), _parse_pointer(raw, location.display))
+        try:
+            table = read_manifest_files(location, names, columns)
+        except OSError:
+            if _read_pointer(location) == raw:
+                raise  # not a compaction: a real error
+            continue  # a compaction switched the manifest and removed what it merged
+        if _read_pointer(location) == raw:
+            return table
+    raise CacheFormatError(
+        f"{location.display}: the manifest kept changing while being read; "
+        "is `embed compact` running in a loop? Try again."
+    )
+
+
+def winning_rows(table: pa.Table) -> pa.Table:
+    """The row with the largest ``committed_ns`` per ``image_id``, sorted by ``image_id``."""
     if table.num_rows == 0:
-        return table if columns is None else table.select(columns)
+        return table
     table = table.sort_by([("image_id", "ascending"), ("committed_ns", "ascending")])
     ids = table.column("image_id")
     last_of_run = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
     keep = pa.concat_arrays([last_of_run.combine_chunks(), pa.array([True])])
-    table = table.filter(keep)
+    return table.filter(keep)
+
+
+def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
+    """The winning row per ``image_id`` (largest ``committed_ns``), sorted by ``image_id``."""
+    wanted = None if columns is None else sorted({*columns, "image_id", "committed_ns"})
+    table = winning_rows(read_manifest_all(location, wanted))
     return table if columns is None else table.select(columns)
 
 

@@ -1,4 +1,4 @@
-"""The `embed` command: `embed run`, `embed status`, `embed demo-data`.
+"""The `embed` command: `embed run`, `labels`, `compact`, `status`, `demo-data`.
 
 Thin: options → EmbedConfig → ``pipeline.run_embed``; known errors become one line and exit 2.
 """
@@ -127,7 +127,9 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
     rate = f", {summary.images_per_second:.2f} images/s" if summary.encoded else ""
     out.print(
         f"{summary.cache}: {summary.total} images; {summary.cached_before} already cached, "
-        f"{summary.encoded} encoded, {len(summary.failed)} failed in {summary.seconds:.1f} s{rate}"
+        + (f"{summary.relabelled} relabelled, " if summary.relabelled else "")
+        + f"{summary.encoded} encoded, {len(summary.failed)} failed in {summary.seconds:.1f} s"
+        + rate
         + ("" if summary.model_loaded else " (nothing to encode: model not loaded)"),
         highlight=False,
     )
@@ -148,6 +150,64 @@ def status(
     with user_errors():
         report = cache_status(cache)
     stdout.print(format_status(report, max_failures=failures))
+
+
+@app.command()
+def labels(
+    cache: Annotated[str, typer.Option(help="The cache whose images get new annotations.")],
+    masks: Annotated[
+        Path | None, typer.Option(help="Folder of mask PNGs named <image_id>.png.")
+    ] = None,
+    mask_kind: Annotated[
+        str, typer.Option(help="auto, binary or instance (how --masks PNGs are read).")
+    ] = "auto",
+    coco: Annotated[Path | None, typer.Option(help="COCO instances JSON.")] = None,
+    voc: Annotated[
+        Path | None, typer.Option(help="A VOC2007 folder (SegmentationObject/, ImageSets/).")
+    ] = None,
+) -> None:
+    """Re-read annotations for images already in CACHE: no image file, no encoder needed."""
+    from stage1_embed.config import LabelsConfig
+    from stage1_embed.relabel import run_labels
+
+    with user_errors():
+        config = LabelsConfig(
+            cache=cache,
+            masks=str(masks) if masks else None,
+            mask_kind=mask_kind,
+            coco=str(coco) if coco else None,
+            voc=str(voc) if voc else None,
+        )
+        with progress_bar() as update:
+            summary = run_labels(config, progress=update)
+    stdout.print(
+        f"{summary.cache}: {summary.cached} cached images, {summary.named} named by the "
+        f"annotations; {summary.relabelled} relabelled, {summary.unchanged} unchanged, "
+        f"{len(summary.failed)} failed, 0 encoded in {summary.seconds:.1f} s",
+        highlight=False,
+    )
+    for image_id, reason in summary.failed[:20]:
+        stdout.print(f"  failed {image_id}: {reason}", highlight=False, soft_wrap=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def compact(
+    cache: Annotated[str, typer.Argument(help="The cache (folder or URL).")],
+) -> None:
+    """Merge manifest fragments, drop superseded rows, free embedding rows nothing uses."""
+    from stage1_embed.compact import compact_cache
+
+    with user_errors():
+        summary = compact_cache(cache)
+    stdout.print(
+        f"{summary.cache}: {summary.files_before} manifest files -> 1, "
+        f"{summary.rows_dropped} superseded manifest rows dropped, {summary.rows_freed} "
+        f"embedding rows freed ({summary.chunks_deleted} chunks deleted) in "
+        f"{summary.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 @app.command("demo-data")

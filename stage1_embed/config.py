@@ -77,3 +77,26 @@ class EmbedConfig:
     def from_dict(cls, data: dict[str, Any]) -> EmbedConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Options of `embed labels`: exactly one annotation source for the images of ``cache``."""
+
+    cache: str
+    masks: str | None = None
+    mask_kind: str = "auto"
+    coco: str | None = None
+    voc: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("mask_kind", self.mask_kind, MASK_KINDS)
+        given = [name for name in ("masks", "coco", "voc") if getattr(self, name)]
+        if len(given) != 1:
+            raise ConfigError(
+                "give exactly one of --masks DIR, --coco instances.json or --voc VOC2007"
+                + (f" (got {', '.join('--' + g for g in given)})" if given else "")
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -256,3 +256,13 @@ def _pil_to_numpy(im: Image.Image) -> np.ndarray:
         bottom = min(im.height, top + step)
         out[top:bottom] = np.asarray(im.crop((0, top, im.width, bottom)))
     return out
+
+
+def header_orientation(path: str | Path) -> int:
+    """EXIF orientation (1..8) from the file's header alone, nothing decoded; 1 when unknown."""
+    try:
+        with Image.open(path) as im:
+            orientation = _exif_orientation(im)
+    except Exception:  # unreadable now: the manifest's sizes are still right for upright masks
+        return 1
+    return orientation if orientation in EXIF_TRANSPOSE else 1

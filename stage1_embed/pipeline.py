@@ -2,8 +2,14 @@
 
 The coordinator (this process) is the only one that creates the cache, grows ``embeddings``
 and holds the lock; batches (``stage1_embed.work``) write rows and commit manifest fragments.
-A rerun hashes the files, compares with the manifest and encodes only what is missing or
-changed; when nothing is, the model is never loaded.
+A rerun hashes the files, compares with the manifest and encodes only bytes the cache does not
+have: an image whose annotation alone changed, or whose bytes another row already has, is
+relabelled onto the existing embedding row (``stage1_embed.relabel``). When nothing must be
+encoded, the model is never loaded.
+
+Every file is hashed on every run (no size + mtime shortcut): an edit that keeps the size and
+the mtime (``cp -p``/``rsync -a`` of an edited copy, tools that restore timestamps, file systems
+with 1–2 s mtime resolution) would otherwise keep a stale embedding without a word.
 """
 
 from __future__ import annotations
@@ -25,12 +31,12 @@ from shared.cache_format import (
     check_same_model,
 )
 from shared.cache_io import (
+    allocate_rows,
     cache_exists,
     create_cache,
-    grow_embeddings,
     open_cache,
-    read_manifest,
     remove_stale_temps,
+    upgrade_format,
     utc_now,
 )
 from shared.checkpoint_files import resolve_checkpoint
@@ -39,6 +45,7 @@ from shared.storage import CacheLock, Location, parse_location
 from stage1_embed.annotations import annotation_fingerprint
 from stage1_embed.config import EmbedConfig
 from stage1_embed.executors import run_dask, run_local
+from stage1_embed.relabel import Key, ManifestIndex, Relabel, commit_relabels, manifest_records
 from stage1_embed.sources import ImageSource, plan_sources
 from stage1_embed.work import BatchResult, EncodeSpec, WorkItem
 
@@ -47,13 +54,20 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 @dataclass
 class Plan:
-    """What a run must do: ``todo`` images; the others are already cached unchanged."""
+    """What a run must do: encode ``todo``, relabel ``relabel``; the others are cached unchanged.
+
+    ``duplicates``: images of ``todo`` whose bytes another image of ``todo`` has; they are
+    relabelled onto its row once it is encoded.
+    """
 
     total: int
     todo: list[ImageSource]
     cached: int
     changed: int
     retried: int
+    relabel: list[Relabel] = field(default_factory=list)
+    duplicates: list[ImageSource] = field(default_factory=list)
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # image_id → (image, ann)
 
 
 @dataclass
@@ -62,6 +76,7 @@ class RunSummary:
     total: int
     cached_before: int
     encoded: int = 0
+    relabelled: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     seconds_encoding: float = 0.0
@@ -96,28 +111,45 @@ def hash_sources(
 def make_plan(
     location: Location, sources: Sequence[ImageSource], hashes: Sequence[tuple[str, str]]
 ) -> Plan:
-    """Compare with the manifest: winning ``ok`` rows with the same image and masks are done."""
-    columns = ["image_id", "sha256", "annotation_sha256", "status"]
-    manifest = read_manifest(location, columns).to_pylist()
-    known = {r["image_id"]: r for r in manifest}
-    todo: list[ImageSource] = []
-    cached = changed = retried = 0
+    """Compare with the manifest (cache_layout.md "Relabelling").
+
+    Same bytes and annotation as the winning ``ok`` row: cached. Bytes some manifest row has an
+    embedding of: relabelled onto that row (the image's own row first). Otherwise: encoded.
+    """
+    index = ManifestIndex.read(location)
+    plan = Plan(len(sources), [], 0, 0, 0)
+    first_of_sha: set[str] = set()
+    pending: list[tuple[ImageSource, str, Key, Key | None]] = []  # relabels, by manifest key
     for source, (sha, annotation_sha) in zip(sources, hashes, strict=True):
-        previous = known.get(source.image_id)
-        if previous is None:
-            todo.append(source)
-        elif previous["status"] != STATUS_OK:
-            retried += 1
-            todo.append(source)
-        elif not sha or (previous["sha256"], previous["annotation_sha256"]) != (
-            sha,
-            annotation_sha,
-        ):
-            changed += 1
-            todo.append(source)
+        plan.hashes[source.image_id] = (sha, annotation_sha)
+        previous = index.known.get(source.image_id)
+        own_key = None if previous is None else (source.image_id, previous[4])
+        if previous is not None and previous[2] == STATUS_OK and sha:
+            if previous[:2] == (sha, annotation_sha):
+                plan.cached += 1
+                continue
+        own = own_key is not None and previous[0] == sha and previous[3] >= 0  # type: ignore[index]
+        shared = own_key if own else index.by_sha.get(sha) if sha else None
+        if shared is not None:
+            pending.append((source, sha, shared, own_key))
+        elif sha and sha in first_of_sha:
+            plan.duplicates.append(source)
         else:
-            cached += 1
-    return Plan(len(sources), todo, cached, changed, retried)
+            first_of_sha.add(sha)
+            plan.todo.append(source)
+            if previous is None:
+                continue
+            if previous[2] != STATUS_OK:
+                plan.retried += 1
+            else:
+                plan.changed += 1
+    keys = {key for _, _, key, _ in pending} | {own for *_, own in pending if own is not None}
+    records = manifest_records(location, keys)
+    plan.relabel = [
+        Relabel(source, sha, records[key], None if own is None else records[own])
+        for source, sha, key, own in pending
+    ]
+    return plan
 
 
 def resolve_device(device: str) -> str:
@@ -137,6 +169,7 @@ def _open_or_create(location: Location, config: EmbedConfig, ckpt: Path, sha: st
                 f"{location.display} stores {cache.attrs.dtype} embeddings; --dtype "
                 f"{config.dtype} was given. Drop --dtype or write a new cache with --out."
             )
+        upgrade_format(cache)  # a version-1 cache becomes version 2 (cache_layout.md)
         return cache.attrs
     attrs = CacheAttrs(
         model_type=config.model_type,
@@ -174,11 +207,28 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSumma
         remove_stale_temps(location)
         plan = make_plan(location, sources, hash_sources(sources, progress))
         summary = RunSummary(location.display, plan.total, plan.cached)
+        _relabel(location, plan.relabel, summary, progress)
         if plan.todo:
             summary.model_loaded = True
             _encode(config, location, checkpoint, checkpoint_sha, plan, summary, progress)
+        if plan.duplicates:  # their bytes were just encoded for another image
+            hashes = [plan.hashes[s.image_id] for s in plan.duplicates]
+            again = make_plan(location, plan.duplicates, hashes)
+            _relabel(location, again.relabel, summary, progress)
+            if again.todo:  # the image they duplicate failed: so do they, with its reason
+                summary.model_loaded = True
+                again.todo += again.duplicates
+                _encode(config, location, checkpoint, checkpoint_sha, again, summary, progress)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _relabel(
+    location: Location, items: list[Relabel], summary: RunSummary, progress: Progress | None
+) -> None:
+    failed = commit_relabels(location, items, image_present=True, progress=progress)
+    summary.relabelled += len(items) - len(failed)
+    summary.failed += failed
 
 
 def _encode(
@@ -193,7 +243,7 @@ def _encode(
     from stage1_embed.encoder import resolve_precision
 
     device = resolve_device(config.device)
-    rows = grow_embeddings(open_cache(location, read_only=False), len(plan.todo))
+    rows = allocate_rows(open_cache(location, read_only=False), len(plan.todo))
     spec = EncodeSpec(
         cache=location.display if not location.is_local else location.path,
         model_type=config.model_type,
@@ -203,7 +253,7 @@ def _encode(
         device=device,
         batch_size=config.batch_size or (8 if device == "cuda" else 1),
         max_pixels=config.max_pixels,
-        n_rows=rows.stop,
+        n_rows=max(rows) + 1,
     )
     items = [WorkItem(source, row) for source, row in zip(plan.todo, rows, strict=True)]
     done = 0

@@ -162,9 +162,20 @@ def plan_voc(
     """
     voc_root = Path(os.path.abspath(voc_root))
     images_dir = voc_root / "JPEGImages" if images_dir is None else Path(images_dir)
+    sources = attach_voc(discover_images(images_dir, recursive=recursive), voc_root)
+    n_masks = sum(s.has_masks for s in sources)
+    log.info("VOC layout at %s: %d images, %d with masks", voc_root, len(sources), n_masks)
+    return sources
+
+
+def attach_voc(images: list[ImageSource], voc_root: Path) -> list[ImageSource]:
+    """Give each image its VOC ``SegmentationObject``/``SegmentationClass`` PNGs and splits.
+
+    Only the annotation files are looked at, never the images (`embed labels` has none).
+    """
     splits = read_voc_splits(voc_root / "ImageSets" / "Segmentation")
     sources = []
-    for src in discover_images(images_dir, recursive=recursive):
+    for src in images:
         obj = voc_root / "SegmentationObject" / f"{src.image_id}.png"
         cls = voc_root / "SegmentationClass" / f"{src.image_id}.png"
         names = splits.get(src.image_id, ())
@@ -179,8 +190,6 @@ def plan_voc(
                 mask_kind="voc",
             )
         )
-    n_masks = sum(s.has_masks for s in sources)
-    log.info("VOC layout at %s: %d images, %d with masks", voc_root, len(sources), n_masks)
     return sources
 
 

@@ -1,13 +1,31 @@
-"""`embed status`: what a cache holds, what failed and why, how much disk it takes."""
+"""`embed status`: what a cache holds, what failed and why, how much disk it takes.
+
+Embedding rows are told apart by what names them (cache_layout.md "embeddings"): in use, left
+by relabelling or changed images (superseded), unused (an interrupted run), free (compaction).
+When compaction would free rows or merge many manifest files, the report suggests it.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from shared.cache_format import STATUS_FAILED, STATUS_OK
-from shared.cache_io import open_cache, read_manifest, read_manifest_all
+from shared.cache_io import (
+    live_manifest_files,
+    manifest_names,
+    open_cache,
+    read_manifest_all,
+    read_manifest_state,
+    winning_rows,
+)
 from shared.storage import parse_location
+
+COLUMNS = ["image_id", "committed_ns", "row", "status", "error", "n_objects", "has_masks", "split"]
+COMPACT_FILES = 64  # more manifest files than this: reading them costs more than one file
 
 
 @dataclass
@@ -20,41 +38,71 @@ class CacheStatus:
     rows_allocated: int
     ok: int
     failed: int
-    superseded: int
+    superseded: int  # manifest rows that lost to a later row of the same image
     objects: int
     with_masks: int
     splits: dict[str, int]
     bytes_on_disk: int
     failures: list[tuple[str, str]] = field(default_factory=list)
+    rows_in_use: int = 0  # named by a winning row
+    rows_superseded: int = 0  # named only by superseded rows (relabels of v1, changed images)
+    rows_free: int = 0  # freed by `embed compact`, reused by the next run
+    manifest_files: int = 0
+    row_bytes: int = 0
 
     @property
     def unused_rows(self) -> int:
-        return self.rows_allocated - self.ok
+        """Rows named by no manifest row and not free: runs interrupted before committing."""
+        return self.rows_allocated - self.rows_in_use - self.rows_superseded - self.rows_free
+
+    @property
+    def reclaimable_rows(self) -> int:
+        return self.rows_superseded + self.unused_rows
+
+    @property
+    def compaction_pays(self) -> bool:
+        return self.reclaimable_rows > 0 or self.manifest_files > COMPACT_FILES
+
+
+def _rows(table: pa.Table, allocated: int) -> np.ndarray:
+    rows = table.column("row").to_numpy(zero_copy_only=False)
+    return np.unique(rows[(rows >= 0) & (rows < allocated)])
 
 
 def cache_status(target: str) -> CacheStatus:
     location = parse_location(target)
     cache = open_cache(location)
-    columns = ["image_id", "status", "error", "n_objects", "has_masks", "split"]
-    winners = read_manifest(location, columns).to_pylist()
-    all_rows = read_manifest_all(location, ["image_id"]).num_rows
-    statuses = Counter(r["status"] for r in winners)
-    ok_rows = [r for r in winners if r["status"] == STATUS_OK]
+    history = read_manifest_all(location, COLUMNS)
+    winners = winning_rows(history)
+    state = read_manifest_state(location)
+    allocated = int(cache.embeddings.shape[0])
+    in_use, named = _rows(winners, allocated), _rows(history, allocated)
+    free = np.setdiff1d(np.asarray(state.free_rows, np.int64), named)
+    free = free[free < allocated]
+    is_ok = pc.equal(winners.column("status"), STATUS_OK)
+    ok = winners.filter(is_ok)
+    not_ok = winners.filter(pc.invert(is_ok)).select(["image_id", "error", "status"]).to_pylist()
+    splits = pc.value_counts(pc.fill_null(ok.column("split"), "none")).to_pylist()
     return CacheStatus(
         cache=location.display,
         model=cache.attrs.describe_model(),
         dtype=cache.attrs.dtype,
         created_at=cache.attrs.created_at,
         format_version=cache.attrs.format_version,
-        rows_allocated=int(cache.embeddings.shape[0]),
-        ok=statuses[STATUS_OK],
-        failed=statuses[STATUS_FAILED],
-        superseded=all_rows - len(winners),
-        objects=sum(int(r["n_objects"]) for r in ok_rows),
-        with_masks=sum(bool(r["has_masks"]) for r in ok_rows),
-        splits=dict(Counter(r["split"] or "none" for r in ok_rows)),
+        rows_allocated=allocated,
+        ok=ok.num_rows,
+        failed=sum(r["status"] == STATUS_FAILED for r in not_ok),
+        superseded=history.num_rows - winners.num_rows,
+        objects=int(pc.sum(ok.column("n_objects")).as_py() or 0),
+        with_masks=int(pc.sum(pc.cast(ok.column("has_masks"), pa.int64())).as_py() or 0),
+        splits={s["values"]: s["counts"] for s in splits},
         bytes_on_disk=int(location.fs.du(location.path, total=True)),
-        failures=[(r["image_id"], r["error"] or "") for r in winners if r["status"] != STATUS_OK],
+        failures=[(r["image_id"], r["error"] or "") for r in not_ok],
+        rows_in_use=len(in_use),
+        rows_superseded=len(np.setdiff1d(named, in_use)),
+        rows_free=len(free),
+        manifest_files=len(live_manifest_files(manifest_names(location), state)),
+        row_bytes=int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize,
     )
 
 
@@ -73,14 +121,21 @@ def format_status(status: CacheStatus, max_failures: int = 20) -> str:
         f"cache        {status.cache} (format v{status.format_version}, "
         f"created {status.created_at})",
         f"model        {status.model}",
-        f"embeddings   {status.dtype}, {status.rows_allocated} rows allocated, "
-        f"{status.unused_rows} unused (from interrupted runs)",
+        f"embeddings   {status.dtype}, {status.rows_allocated} rows allocated: "
+        f"{status.rows_in_use} in use, {status.rows_superseded} left by relabelling or changed "
+        f"images, {status.unused_rows} unused (from interrupted runs), {status.rows_free} free",
         f"images       {status.ok} ok, {status.failed} failed, "
-        f"{status.superseded} superseded manifest rows",
+        f"{status.superseded} superseded manifest rows in {status.manifest_files} manifest files",
         f"masks        {status.with_masks} images with masks, {status.objects} objects; "
         f"splits: {splits}",
         f"on disk      {_size(status.bytes_on_disk)} ({_size(per_image)} per ok image)",
     ]
+    if status.compaction_pays:
+        lines.append(
+            f"compact      `embed compact {status.cache}` would free {status.reclaimable_rows} "
+            f"rows (up to {_size(status.reclaimable_rows * status.row_bytes)}) and merge "
+            f"{status.manifest_files} manifest files into 1"
+        )
     if status.failures:
         lines.append("failures:")
         lines += [f"  {image_id}: {reason}" for image_id, reason in status.failures[:max_failures]]

@@ -65,6 +65,7 @@ class Prepared:
     input_size: tuple[int, int] = (0, 0)
     annotations: Any = None
     error: str | None = None
+    exif_orientation: int | None = None
 
 
 _PROCESS_STATE: dict[tuple[Any, ...], Any] = {}
@@ -145,6 +146,7 @@ def prepare(item: WorkItem, max_pixels: int) -> Prepared:
     try:
         loaded = read_image(item.source.path, max_pixels=max_pixels)
         prepared.sha256, prepared.original_size = loaded.sha256, loaded.original_size
+        prepared.exif_orientation = loaded.exif_orientation
         prepared.tensor, prepared.input_size = prepare_image(loaded.rgb)
         prepared.annotations = load_annotations(item.source, loaded, prepared.input_size)
     except (ImageReadError, AnnotationError) as exc:
@@ -184,6 +186,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "ignore_rle": ann.ignore_rle if (ok and ann is not None) else None,
         "ignore_target_rle": ann.ignore_target_rle if (ok and ann is not None) else None,
         "precision": precision,
+        "exif_orientation": prepared.exif_orientation,
     }
 
 

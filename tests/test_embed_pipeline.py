@@ -40,7 +40,7 @@ def voc_cache(tmp_path_factory, voc_sample_dir, tiny_checkpoint) -> Path:
 def test_layout_and_attributes(voc_cache: Path, tiny_checkpoint: Path) -> None:
     meta = json.loads((voc_cache / "zarr.json").read_text())
     attrs = meta["attributes"]["samcache"]
-    assert attrs["format"] == "samcache-embeddings" and attrs["format_version"] == 1
+    assert attrs["format"] == "samcache-embeddings" and attrs["format_version"] == 2
     assert attrs["model_type"] == "vit_tiny_random"
     import hashlib
 
@@ -225,7 +225,7 @@ def test_dask_workers_give_the_same_cache(tmp_path, tiny_checkpoint) -> None:
         )
 
 
-def test_edited_mask_is_reencoded(tmp_path, voc_sample_dir, tiny_checkpoint) -> None:
+def test_edited_mask_is_relabelled_not_encoded(tmp_path, voc_sample_dir, tiny_checkpoint) -> None:
     voc = tmp_path / "VOC2007"
     shutil.copytree(voc_sample_dir, voc)
     out = tmp_path / "c.zarr"
@@ -238,7 +238,7 @@ def test_edited_mask_is_reencoded(tmp_path, voc_sample_dir, tiny_checkpoint) -> 
     edited.putpalette(mask.getpalette())
     edited.save(mask_path)
     summary = run_embed(_config(voc / "JPEGImages", out, tiny_checkpoint))
-    assert (summary.encoded, summary.cached_before) == (1, 4)
+    assert (summary.encoded, summary.relabelled, summary.cached_before) == (0, 1, 4)
     row = next(
         r for r in read_manifest(parse_location(out)).to_pylist() if r["image_id"] == "000039"
     )
