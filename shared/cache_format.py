@@ -19,6 +19,9 @@ EMBEDDINGS = "embeddings"
 MANIFEST_DIR = "manifest"
 LOCK_NAME = "embed.lock"
 FRAGMENT_PREFIX = "part-"
+# The only names readers take from manifest/; anything else (a sync tool's "part-….parquet.6aF8",
+# an editor's backup) is ignored by readers and reported by `embed status` / `embed verify`.
+FRAGMENT_PATTERN = r"part-\d{20}-[0-9a-f]{12}\.parquet"
 TEMP_PREFIX = ".tmp-"  # pyarrow datasets ignore names starting with "." or "_"
 
 EMBEDDING_SHAPE = (256, 64, 64)
@@ -26,6 +29,9 @@ STORAGE_DTYPES = ("float16", "float32")
 TARGET_SIZE = 256
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+# Checksum of each row's stored bytes (C order, storage dtype), "<algo>:<hex>" in the manifest's
+# ``embedding_checksum``; chosen by bench/bench_checksum.py (cache_layout.md says why).
+CHECKSUM_ALGO = "xxh3_64"
 
 # Meta's SamPredictor.set_image, spelled out (cache_layout.md "preprocessing").
 PREPROCESSING: dict[str, Any] = {
@@ -73,12 +79,17 @@ MANIFEST_SCHEMA = pa.schema(
         ("ignore_target_rle", pa.string()),
         ("precision", pa.string()),
         ("committed_ns", pa.int64()),
+        ("embedding_checksum", pa.string()),  # "<algo>:<hex>" of the row's bytes; null: unverified
     ]
 )
 
 
 class CacheFormatError(ValueError):
     """The store is not a samcache cache this version can read."""
+
+
+class CacheDamageError(CacheFormatError):
+    """An embedding row, a chunk or the manifest is damaged; the message names it and the fix."""
 
 
 class CacheMismatchError(ValueError):

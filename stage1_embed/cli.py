@@ -114,6 +114,10 @@ def run(
     download: Annotated[
         bool, typer.Option(help="Download the official checkpoint when it is not found.")
     ] = True,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Re-encode the images `embed verify` finds damaged (into their rows)."),
+    ] = False,
 ) -> None:
     """Encode every image of IMAGES once into the cache OUT (resumable; never encodes twice)."""
     from stage1_embed.config import EmbedConfig
@@ -137,6 +141,7 @@ def run(
             scheduler=scheduler,
             max_pixels=max_pixels,
             download=download,
+            repair=repair,
         )
         with progress_bar() as update:
             summary = run_embed(config, progress=update)
@@ -148,6 +153,10 @@ def run(
 def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
     out = stdout
     rate = f", {summary.images_per_second:.2f} images/s" if summary.encoded else ""
+    if summary.repaired or summary.unrepaired:
+        out.print(f"{summary.cache}: repaired {summary.repaired} damaged image(s)", highlight=False)
+        for image_id, reason in summary.unrepaired:
+            out.print(f"  not repaired {image_id}: {reason}", highlight=False, soft_wrap=True)
     out.print(
         f"{summary.cache}: {summary.total} images; {summary.cached_before} already cached, "
         f"{summary.encoded} encoded, {len(summary.failed)} failed in {summary.seconds:.1f} s{rate}"
@@ -171,6 +180,20 @@ def status(
     with user_errors():
         report = cache_status(cache)
     stdout.print(format_status(report, max_failures=failures))
+
+
+@app.command()
+def verify(
+    cache: Annotated[str, typer.Argument(help="The cache (folder or URL).")],
+) -> None:
+    """Check every row: chunk whole, checksum, rows two images claim (exit 1: damaged)."""
+    from stage1_embed.verify import format_report, verify_cache
+
+    with user_errors(), progress_bar() as update:
+        report = verify_cache(cache, progress=update)
+    stdout.print(format_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("demo-data")

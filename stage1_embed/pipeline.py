@@ -33,6 +33,7 @@ from stage1_embed.annotations import annotation_fingerprint
 from stage1_embed.config import EmbedConfig
 from stage1_embed.executors import run_dask, run_local
 from stage1_embed.sources import ImageSource, plan_sources
+from stage1_embed.verify import SHARED_ROW, Damage, verify_cache
 from stage1_embed.work import BatchResult, EncodeSpec, WorkItem
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -47,6 +48,7 @@ class Plan:
     cached: int
     changed: int
     retried: int
+    rows: dict[str, int] = field(default_factory=dict)  # image_id → row re-encoded in place
 
 
 @dataclass
@@ -59,6 +61,8 @@ class RunSummary:
     seconds: float = 0.0
     seconds_encoding: float = 0.0
     model_loaded: bool = False
+    repaired: int = 0
+    unrepaired: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
 
     @property
     def images_per_second(self) -> float:
@@ -87,17 +91,30 @@ def hash_sources(
 
 
 def make_plan(
-    location: Location, sources: Sequence[ImageSource], hashes: Sequence[tuple[str, str]]
+    location: Location,
+    sources: Sequence[ImageSource],
+    hashes: Sequence[tuple[str, str]],
+    damaged: Sequence[Damage] = (),
 ) -> Plan:
-    """Compare with the manifest: winning ``ok`` rows with the same image and masks are done."""
+    """Compare with the manifest: winning ``ok`` rows with the same image and masks are done.
+
+    ``damaged`` (from `embed verify`, for ``--repair``): those images are re-encoded, into
+    their own row unless another image claims it too.
+    """
     columns = ["image_id", "sha256", "annotation_sha256", "status"]
     manifest = read_manifest(location, columns).to_pylist()
     known = {r["image_id"]: r for r in manifest}
+    repair = {d.image_id: d for d in damaged}
     todo: list[ImageSource] = []
+    rows: dict[str, int] = {}
     cached = changed = retried = 0
     for source, (sha, annotation_sha) in zip(sources, hashes, strict=True):
         previous = known.get(source.image_id)
-        if previous is None:
+        if source.image_id in repair:
+            todo.append(source)
+            if repair[source.image_id].kind != SHARED_ROW:
+                rows[source.image_id] = repair[source.image_id].row
+        elif previous is None:
             todo.append(source)
         elif previous["status"] != STATUS_OK:
             retried += 1
@@ -110,7 +127,7 @@ def make_plan(
             todo.append(source)
         else:
             cached += 1
-    return Plan(len(sources), todo, cached, changed, retried)
+    return Plan(len(sources), todo, cached, changed, retried, rows)
 
 
 def resolve_device(device: str) -> str:
@@ -161,12 +178,21 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSumma
         download=config.download,
     )
     checkpoint_sha = file_sha256(checkpoint)
+    _refuse_out_in_images(location, Path(config.images))
     _ensure_writable(location)
     with CacheLock(location, LOCK_NAME):
         _open_or_create(location, config, checkpoint, checkpoint_sha)
         remove_stale_temps(location)
-        plan = make_plan(location, sources, hash_sources(sources, progress))
+        damaged = verify_cache(location.display).damaged if config.repair else []
+        plan = make_plan(location, sources, hash_sources(sources, progress), damaged)
         summary = RunSummary(location.display, plan.total, plan.cached)
+        planned = {s.image_id for s in plan.todo}
+        summary.repaired = sum(d.image_id in planned for d in damaged)
+        summary.unrepaired = [
+            (d.image_id, f"{d.problem}; its image is not under --images {config.images}")
+            for d in damaged
+            if d.image_id not in planned
+        ]
         if plan.todo:
             summary.model_loaded = True
             _encode(config, location, checkpoint, checkpoint_sha, plan, summary, progress)
@@ -186,7 +212,9 @@ def _encode(
     from stage1_embed.encoder import resolve_precision
 
     device = resolve_device(config.device)
-    rows = grow_embeddings(open_cache(location, read_only=False), len(plan.todo))
+    new = [source for source in plan.todo if source.image_id not in plan.rows]
+    rows = iter(grow_embeddings(open_cache(location, read_only=False), len(new)))
+    n_rows = int(open_cache(location).embeddings.shape[0])
     spec = EncodeSpec(
         cache=location.display if not location.is_local else location.path,
         model_type=config.model_type,
@@ -196,9 +224,10 @@ def _encode(
         device=device,
         batch_size=config.batch_size or (8 if device == "cuda" else 1),
         max_pixels=config.max_pixels,
-        n_rows=rows.stop,
+        n_rows=n_rows,
     )
-    items = [WorkItem(source, row) for source, row in zip(plan.todo, rows, strict=True)]
+    items = [WorkItem(s, plan.rows[s.image_id] if s.image_id in plan.rows else next(rows))
+             for s in plan.todo]  # fmt: skip
     done = 0
     encode_started = time.perf_counter()
 
@@ -228,6 +257,19 @@ def _images_per_task(n_images: int, batch_size: int, workers: int) -> int:
     """Images per Dask task: a few encoder batches, but small enough to keep every worker busy."""
     per_worker = -(-n_images // max(1, workers))
     return max(1, min(max(4, batch_size), per_worker))
+
+
+def _refuse_out_in_images(location: Location, images: Path) -> None:
+    """A cache written among the user's images (``--out`` equal to or inside ``--images``)
+    would mix with them and be read as images by the next run: refuse."""
+    if not location.is_local:
+        return
+    out, root = Path(location.path), images.expanduser().resolve()
+    if out == root or root in out.parents:
+        raise ValueError(
+            f"--out {location.display} is inside --images {images}: the cache would be written "
+            "among your images. Choose an --out outside the images folder"
+        )
 
 
 def _ensure_writable(location: Location) -> None:

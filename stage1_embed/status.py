@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from shared.cache_format import STATUS_FAILED, STATUS_OK
-from shared.cache_io import open_cache, read_manifest, read_manifest_all
+from shared.cache_io import manifest_files, open_cache, read_manifest, read_manifest_all
 from shared.storage import parse_location
 
 
@@ -26,6 +26,8 @@ class CacheStatus:
     splits: dict[str, int]
     bytes_on_disk: int
     failures: list[tuple[str, str]] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # files in manifest/ that readers ignore
+    unverified: int = 0  # ok rows without an embedding checksum (written before checksums)
 
     @property
     def unused_rows(self) -> int:
@@ -35,7 +37,8 @@ class CacheStatus:
 def cache_status(target: str) -> CacheStatus:
     location = parse_location(target)
     cache = open_cache(location)
-    columns = ["image_id", "status", "error", "n_objects", "has_masks", "split"]
+    columns = ["image_id", "status", "error", "n_objects", "has_masks", "split",
+               "embedding_checksum"]  # fmt: skip
     winners = read_manifest(location, columns).to_pylist()
     all_rows = read_manifest_all(location, ["image_id"]).num_rows
     statuses = Counter(r["status"] for r in winners)
@@ -55,6 +58,8 @@ def cache_status(target: str) -> CacheStatus:
         splits=dict(Counter(r["split"] or "none" for r in ok_rows)),
         bytes_on_disk=int(location.fs.du(location.path, total=True)),
         failures=[(r["image_id"], r["error"] or "") for r in winners if r["status"] != STATUS_OK],
+        stray=manifest_files(location)[1],
+        unverified=sum(not r["embedding_checksum"] for r in ok_rows),
     )
 
 
@@ -81,6 +86,13 @@ def format_status(status: CacheStatus, max_failures: int = 20) -> str:
         f"splits: {splits}",
         f"on disk      {_size(status.bytes_on_disk)} ({_size(per_image)} per ok image)",
     ]
+    if status.unverified:
+        lines.append(f"checksums    {status.unverified} ok images have none (written before "
+                     "checksums): their embeddings are read unverified")  # fmt: skip
+    if status.stray:
+        names = ", ".join(status.stray[:10])
+        lines.append(f"manifest/    {len(status.stray)} stray file(s), ignored by readers (not "
+                     f"part of the format; remove them): {names}")  # fmt: skip
     if status.failures:
         lines.append("failures:")
         lines += [f"  {image_id}: {reason}" for image_id, reason in status.failures[:max_failures]]

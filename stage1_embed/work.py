@@ -65,6 +65,7 @@ class Prepared:
     input_size: tuple[int, int] = (0, 0)
     annotations: Any = None
     error: str | None = None
+    checksum: str | None = None  # of the stored row (manifest ``embedding_checksum``)
 
 
 _PROCESS_STATE: dict[tuple[Any, ...], Any] = {}
@@ -184,6 +185,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "ignore_rle": ann.ignore_rle if (ok and ann is not None) else None,
         "ignore_target_rle": ann.ignore_target_rle if (ok and ann is not None) else None,
         "precision": precision,
+        "embedding_checksum": prepared.checksum if ok else None,
     }
 
 
@@ -199,7 +201,7 @@ def encode_prepared(spec: EncodeSpec, prepared: list[Prepared]) -> BatchResult:
         batch = torch.stack([p.tensor for p in chunk])  # type: ignore[misc]
         embeddings = _runner(spec).encode(batch).numpy()
         for p, embedding in zip(chunk, embeddings, strict=True):
-            write_embedding(array, p.item.row, embedding)  # type: ignore[arg-type]
+            p.checksum = write_embedding(array, p.item.row, embedding)  # type: ignore[arg-type]
             p.tensor = None
     result.seconds_encoding = time.perf_counter() - started
     table = manifest_table([_row(p, spec.precision) for p in prepared])

@@ -27,7 +27,7 @@ import torch
 import typer
 from pycocotools import mask as mask_utils
 
-from shared.cache_io import ok_rows, read_embeddings
+from shared.cache_io import ok_rows, read_embedding_rows
 from shared.transforms import coords_to_1024, postprocess_low_res
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.export import load_models
@@ -309,7 +309,7 @@ def run_amg(
     for image_id, relative in names.items():
         record = records[image_id]
         original = (record["original_height"], record["original_width"])
-        embedding = torch.from_numpy(read_embeddings(models.cache.embeddings, [record["row"]]))
+        embedding = torch.from_numpy(read_embedding_rows(models.cache, [record]))
         embedding = embedding.to(device=torch_device, dtype=torch.float32)
         input_size = (record["input_height"], record["input_width"])
         found = generate(model, embedding, input_size, original, config)

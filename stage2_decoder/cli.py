@@ -43,15 +43,25 @@ def user_errors(out: str | None = None) -> Iterator[None]:
     try:
         yield
     except NonFiniteLossError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3) from None
     except (ValueError, OSError) as exc:  # config, cache, checkpoint and resume errors
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         hint = f"; continue with `decoder train --out {out} … --resume`" if out else ""
         console.print(f"interrupted{escape(hint)}", highlight=False)
         raise typer.Exit(130) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised by a DataLoader worker (whose message is
+    "Caught X in DataLoader worker…" + the worker's traceback), the original message only."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 class RichProgress:

@@ -36,7 +36,7 @@ import torch
 import typer
 from pycocotools import mask as mask_utils
 
-from shared.cache_io import ok_rows, read_embeddings
+from shared.cache_io import ok_rows, read_embedding_rows
 from shared.transforms import postprocess_low_res
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.export import Models, load_models
@@ -62,7 +62,7 @@ from stage2_decoder.visualize import (
 UPSAMPLE_CHUNK = 16  # prompts upsampled to the original frame at once (bounds memory)
 RECORD_COLUMNS = [
     "image_id", "row", "path", "original_height", "original_width", "input_height",
-    "input_width", "has_masks", "objects",
+    "input_width", "has_masks", "objects", "embedding_checksum",
 ]  # fmt: skip
 
 
@@ -250,7 +250,7 @@ def _predict_one(
     image_id = record["image_id"]
     original = (record["original_height"], record["original_width"])
     input_size = (record["input_height"], record["input_width"])
-    embedding = torch.from_numpy(read_embeddings(models.cache.embeddings, [record["row"]]))
+    embedding = torch.from_numpy(read_embedding_rows(models.cache, [record]))
     embedding = embedding.to(device=device, dtype=torch.float32)
     panels = []
     image, note = read_image_rgb(record["path"], original) if config.overlays else (None, "")

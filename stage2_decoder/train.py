@@ -218,7 +218,8 @@ def _micro_steps(
         result = interactive_step(
             run.model, batch, settings, generator, device=run.device, precision=run.precision,
             loss_scale=world * share, scaler=run.scaler,
-            where=f"step {step + 1} (epoch {epoch + 1}, micro-batch {micro})",
+            where=f"step {step + 1} (epoch {epoch + 1}, micro-batch {micro}, images "
+                  f"{_named(batch.image_ids)})",
         )  # fmt: skip
         values = {"loss": result.loss, **result.parts}
         for window in windows:
@@ -228,6 +229,12 @@ def _micro_steps(
             window.read_s += batch.read_seconds
     if run.ddp is not None:
         average_gradients(run.ddp)
+
+
+def _named(image_ids: list[str], most: int = 8) -> str:
+    """Image ids for a message: the first ``most`` of them, then how many more."""
+    more = f" and {len(image_ids) - most} more" if len(image_ids) > most else ""
+    return ", ".join(image_ids[:most]) + more if image_ids else "none"
 
 
 def fit(run: Run, progress: Progress) -> Summary:
