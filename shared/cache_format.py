@@ -28,6 +28,9 @@ EMBEDDING_SHAPE = (256, 64, 64)
 STORAGE_DTYPES = ("float16", "float32")
 TARGET_SIZE = 256
 STATUS_OK = "ok"
+# One pixel limit for every command that decodes an image (decompression-bomb guard): `embed
+# run --max-pixels` (recorded in embed_config), masks, and the images predict / amg draw on.
+DEFAULT_MAX_PIXELS = 500_000_000
 STATUS_FAILED = "failed"
 # Checksum of each row's stored bytes (C order, storage dtype), "<algo>:<hex>" in the manifest's
 # ``embedding_checksum``; chosen by bench/bench_checksum.py (cache_layout.md says why).
@@ -153,6 +156,12 @@ class CacheAttrs:
             )
         known["embedding_shape"] = shape
         return cls(**known)
+
+    @property
+    def max_pixels(self) -> int:
+        """The pixel limit the cache's images were read under (`embed run --max-pixels`)."""
+        value = self.embed_config.get("max_pixels", DEFAULT_MAX_PIXELS)
+        return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_PIXELS
 
     def describe_model(self) -> str:
         return f"{self.model_type} ({self.checkpoint_name}, sha256 {self.checkpoint_sha256[:12]}…)"

@@ -110,7 +110,7 @@ def run(
     ] = None,
     max_pixels: Annotated[
         int, typer.Option(help="Refuse images larger than this (decompression-bomb guard).")
-    ] = 500_000_000,
+    ] = 500_000_000,  # shared.cache_format.DEFAULT_MAX_PIXELS
     download: Annotated[
         bool, typer.Option(help="Download the official checkpoint when it is not found.")
     ] = True,
@@ -163,6 +163,8 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
         + ("" if summary.model_loaded else " (nothing to encode: model not loaded)"),
         highlight=False,
     )
+    for image_id, note in summary.notes[:20]:
+        out.print(f"  note {image_id}: {note}", highlight=False, soft_wrap=True)
     for image_id, reason in summary.failed[:20]:
         out.print(f"  failed {image_id}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failed) > 20:

@@ -58,6 +58,7 @@ class RunSummary:
     cached_before: int
     encoded: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (image_id, skipped annotation)
     seconds: float = 0.0
     seconds_encoding: float = 0.0
     model_loaded: bool = False
@@ -236,6 +237,7 @@ def _encode(
         done += n_images
         summary.encoded += result.ok
         summary.failed.extend(result.failed)
+        summary.notes.extend(result.notes)
         if progress is not None:
             progress("encoding", done, len(items))
 

@@ -22,7 +22,7 @@ from shared.storage import parse_location
 from shared.transforms import prepare_image
 from stage1_embed.annotations import AnnotationError, annotation_fingerprint, load_annotations
 from stage1_embed.images import ImageReadError, read_image
-from stage1_embed.sources import ImageSource
+from stage1_embed.sources import ImageSource, storable
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class WorkItem:
 class BatchResult:
     ok: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # ok images: skipped annotations
     seconds_encoding: float = 0.0
 
 
@@ -144,12 +145,17 @@ def prepare(item: WorkItem, max_pixels: int) -> Prepared:
     """
     prepared = Prepared(item)
     try:
+        if item.source.name_error:
+            raise ImageReadError(item.source.name_error)
         loaded = read_image(item.source.path, max_pixels=max_pixels)
         prepared.sha256, prepared.original_size = loaded.sha256, loaded.original_size
         prepared.tensor, prepared.input_size = prepare_image(loaded.rgb)
         prepared.annotations = load_annotations(item.source, loaded, prepared.input_size)
     except (ImageReadError, AnnotationError) as exc:
         prepared.error = str(exc)
+        prepared.tensor = None
+    except Exception as exc:  # one bad input never stops a run: it fails with the reason
+        prepared.error = f"cannot be processed: {type(exc).__name__}: {exc}"[:500]
         prepared.tensor = None
     return prepared
 
@@ -167,7 +173,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
     return {
         "image_id": source.image_id,
         "row": prepared.item.row if ok else -1,
-        "path": str(source.path),
+        "path": storable(str(source.path)),
         "sha256": prepared.sha256,
         "annotation_sha256": annotation_fingerprint(source),
         "original_height": height,
@@ -175,7 +181,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "input_height": prepared.input_size[0],
         "input_width": prepared.input_size[1],
         "status": STATUS_OK if ok else STATUS_FAILED,
-        "error": prepared.error,
+        "error": prepared.error if not ok else ("; ".join(ann.notes) or None) if ann else None,
         "split": source.split,
         "splits": list(source.splits),
         "source": source.source,
@@ -208,6 +214,12 @@ def encode_prepared(spec: EncodeSpec, prepared: list[Prepared]) -> BatchResult:
     commit_fragment(parse_location(spec.cache), table)
     result.ok = len(good)
     result.failed = [(p.item.source.image_id, p.error or "") for p in prepared if p.error]
+    result.notes = [
+        (p.item.source.image_id, note)
+        for p in good
+        if p.annotations is not None
+        for note in p.annotations.notes
+    ]
     return result
 
 

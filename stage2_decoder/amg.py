@@ -319,7 +319,7 @@ def run_amg(
                 {"image_id": image_id, "category_id": 0, "score": r["predicted_iou"], **r}
             )
         if overlays:
-            image, note = read_image_rgb(record["path"], original)
+            image, note = read_image_rgb(record["path"], original, models.cache.attrs.max_pixels)
             masks = [mask_utils.decode(_bytes_rle(r["segmentation"])).astype(bool) for r in found]
             title = f"{image_id} {name.replace('_', '-')}: {len(found)} masks {note}".strip()
             write_png(Path(out) / "overlays" / f"{relative}.png", overlay(image, masks, [], title))
