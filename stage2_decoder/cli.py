@@ -38,6 +38,7 @@ def user_errors(out: str | None = None) -> Iterator[None]:
 
     ``out``: the run folder of `decoder train`, named in the resume hint after Ctrl-C.
     """
+    from shared.storage import CacheLockedError
     from stage2_decoder.step import NonFiniteLossError
 
     try:
@@ -45,7 +46,7 @@ def user_errors(out: str | None = None) -> Iterator[None]:
     except NonFiniteLossError as exc:
         console.print(f"[red]error:[/red] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3) from None
-    except (ValueError, OSError) as exc:  # config, cache, checkpoint and resume errors
+    except (ValueError, OSError, CacheLockedError) as exc:  # config, cache, checkpoint, resume
         console.print(f"[red]error:[/red] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -176,6 +177,10 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last.pt.")
     ] = False,
+    allow_partial_cache: Annotated[
+        bool,
+        typer.Option(help="Train on a cache an `embed run` is still writing (its images so far)."),
+    ] = False,
 ) -> None:
     """Fine-tune the mask decoder on the cache's objects; validate and checkpoint every epoch."""
     from stage2_decoder.config import TrainConfig
@@ -191,7 +196,7 @@ def train(
             train_prompt_encoder=train_prompt_encoder, val_fraction=val_fraction, seed=seed,
             checkpoint=str(checkpoint) if checkpoint else None, device=device,
             num_workers=num_workers, log_every=log_every, checkpoint_every=checkpoint_every,
-            resume=resume,
+            resume=resume, allow_partial_cache=allow_partial_cache,
         )  # fmt: skip
         try:
             summary = run_training(
