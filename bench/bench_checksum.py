@@ -6,18 +6,19 @@ algorithm on the rows' bytes (2 MiB per float16 row):
 
     python bench/bench_checksum.py [--rows 64] [--repeats 3]
 
-Prints MiB/s per algorithm and the verification cost as a share of the read time; the algorithm
-samcache uses (``shared.cache_format.CHECKSUM_ALGO``) is marked. Times vary with the load on the
+Prints MiB/s per algorithm (zlib.crc32, crc32c from google-crc32c, xxh3_64 from xxhash) and the
+verification cost as a share of the read time; the algorithm samcache uses
+(``shared.cache_format.CHECKSUM_ALGO``) is marked. Times vary with the load on the
 machine: compare numbers measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from shared.cache_format import CHECKSUM_ALGO, CacheAttrs  # noqa: E402
 from shared.cache_io import (  # noqa: E402
+    CHECKSUM_ALGOS,
     create_cache,
     embedding_checksum,
     grow_embeddings,
@@ -36,37 +38,22 @@ from shared.cache_io import (  # noqa: E402
 from shared.storage import parse_location  # noqa: E402
 
 
-def candidates() -> dict[str, object]:
-    """name → function(bytes-like) -> int, for the libraries importable here."""
-    found: dict[str, object] = {"zlib.crc32": zlib.crc32}
-    try:
-        import google_crc32c
-
-        found["crc32c (google-crc32c)"] = google_crc32c.value
-    except ImportError:
-        pass
-    try:
-        import xxhash
-
-        found["xxh3_64 (xxhash)"] = xxhash.xxh3_64_intdigest
-    except ImportError:
-        pass
-    return found
-
-
-def best_of(repeats: int, fn) -> float:  # noqa: ANN001
-    times = []
+def median_times(repeats: int, fns: dict[str, object]) -> dict[str, float]:
+    """Median seconds of each function, the functions run in turn within each repeat (so a load
+    that comes and goes on the machine hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()  # type: ignore[operator]
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,18 +69,23 @@ def main() -> None:
             sums.append(embedding_checksum(embedding))
         array = cache.embeddings
         ids = [f"img{r}" for r in rows]
-        plain = best_of(args.repeats, lambda: read_embeddings(array, rows))
-        checked = best_of(
-            args.repeats, lambda: read_embeddings(array, rows, checksums=sums, image_ids=ids)
-        )
         data = read_embeddings(array, rows)
+        fns = {
+            "read": lambda: read_embeddings(array, rows),
+            "read+verify": lambda: read_embeddings(array, rows, checksums=sums, image_ids=ids),
+            **{algo: (lambda a=algo: [embedding_checksum(r, a) for r in data])
+               for algo in CHECKSUM_ALGOS},  # as samcache computes them (crc32c copies)
+        }  # fmt: skip
+        seconds = median_times(args.repeats, fns)
     mib = data.nbytes / 2**20
+    plain = seconds["read"]
     print(f"{args.rows} float16 rows ({mib:.0f} MiB): read {plain:.3f} s "
-          f"({mib / plain:.0f} MiB/s, best of {args.repeats})")  # fmt: skip
-    for name, fn in candidates().items():
-        seconds = best_of(args.repeats, lambda fn=fn: [fn(memoryview(r).cast("B")) for r in data])
-        mark = "  <- used" if name.split(" ")[0].startswith(CHECKSUM_ALGO) else ""
-        print(f"  {name:24s} {mib / seconds:8.0f} MiB/s  {seconds / plain:6.1%} of read time{mark}")
+          f"({mib / plain:.0f} MiB/s, median of {args.repeats})")  # fmt: skip
+    for algo in CHECKSUM_ALGOS:
+        mark = "  <- used" if algo == CHECKSUM_ALGO else ""
+        print(f"  {algo:8s} {mib / seconds[algo]:8.0f} MiB/s  {seconds[algo] / plain:6.1%} of "
+              f"read time{mark}")  # fmt: skip
+    checked = seconds["read+verify"]
     print(f"read_embeddings with verification ({CHECKSUM_ALGO}): {checked:.3f} s, "
           f"+{(checked - plain) / plain:.1%} over the plain read")  # fmt: skip
 

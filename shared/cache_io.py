@@ -207,6 +207,7 @@ def _checksum_functions() -> dict[str, Callable[[Any], int]]:
 
 
 _CHECKSUMS = _checksum_functions()
+CHECKSUM_ALGOS = tuple(_CHECKSUMS)  # the algorithms this samcache can verify
 
 
 def embedding_checksum(embedding: np.ndarray, algo: str = CHECKSUM_ALGO) -> str:

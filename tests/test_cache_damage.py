@@ -191,3 +191,22 @@ def test_out_inside_images_is_refused(tmp_path, voc_sample_dir, tiny_checkpoint)
         with pytest.raises(ValueError, match="inside --images"):
             run_embed(_config(images, out, tiny_checkpoint))
     assert not (images / "cache.zarr").exists() and not (images / "zarr.json").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_train_on_a_damaged_row_stops_in_one_line(small_cache: Path, tmp_path, workers) -> None:
+    """Through the CLI, also when a DataLoader worker process hits the damage."""
+    from stage2_decoder.cli import app as decoder_app
+
+    for record in _records(small_cache):
+        _flip_byte(_chunk(small_cache, record["row"]))
+    result = runner.invoke(decoder_app, [
+        "train", "--cache", str(small_cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+        "--iterations", "1", "--images-per-step", "2", "--num-workers", workers,
+        "--val-fraction", "0.25",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    text = " ".join(result.output.split())
+    assert "Traceback" not in result.output and lines[0].startswith("error:"), result.output
+    assert "is damaged: checksum" in text and "embed verify" in text and "DataLoader" not in text

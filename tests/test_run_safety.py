@@ -159,3 +159,19 @@ def test_export_never_replaces_an_input(tiny_checkpoint, tmp_path) -> None:
     assert again.exit_code == 2 and "pass --overwrite" in again.output
     forced = _export("--run", str(run), "--out", str(target), "--decoder-only", "--overwrite")
     assert forced.exit_code == 0, forced.output
+
+
+def test_non_finite_loss_names_the_images_of_the_batch(cache: str, tmp_path, monkeypatch) -> None:
+    from stage2_decoder import step as step_module
+    from stage2_decoder.losses import LossOutput
+
+    def nan_loss(logits, *args, **kwargs) -> LossOutput:  # noqa: ANN001
+        nan = logits.sum() * float("nan")
+        return LossOutput(nan, nan.reshape(1), torch.zeros(1, dtype=torch.long),
+                          {"focal": nan.detach()})  # fmt: skip
+
+    monkeypatch.setattr(step_module, "sam_loss", nan_loss)
+    result = _train("--cache", cache, "--out", str(tmp_path / "run"), "--precision", "fp32", *FAST)
+    text = _one_line_error(result, code=3)
+    assert "loss is nan at step 1 (epoch 1, micro-batch 0, images img" in text, text
+    assert "embed verify" in text
