@@ -22,13 +22,23 @@ LOCK_NAME = "embed.lock"
 MANIFEST_POINTER = "_current.json"  # inside manifest/: the compacted base, merged names, free rows
 BASE_PREFIX = "base-"  # a compacted manifest file (only the one the pointer names is read)
 FRAGMENT_PREFIX = "part-"
+# The only names readers take from manifest/; anything else (a sync tool's "part-….parquet.6aF8",
+# an editor's backup) is ignored by readers and reported by `embed status` / `embed verify`.
+FRAGMENT_PATTERN = r"part-\d{20}-[0-9a-f]{12}\.parquet"
+BASE_PATTERN = r"base-\d{20}-[0-9a-f]{12}\.parquet"  # what `embed compact` writes
 TEMP_PREFIX = ".tmp-"  # pyarrow datasets ignore names starting with "." or "_"
 
 EMBEDDING_SHAPE = (256, 64, 64)
 STORAGE_DTYPES = ("float16", "float32")
 TARGET_SIZE = 256
 STATUS_OK = "ok"
+# One pixel limit for every command that decodes an image (decompression-bomb guard): `embed
+# run --max-pixels` (recorded in embed_config), masks, and the images predict / amg draw on.
+DEFAULT_MAX_PIXELS = 500_000_000
 STATUS_FAILED = "failed"
+# Checksum of each row's stored bytes (C order, storage dtype), "<algo>:<hex>" in the manifest's
+# ``embedding_checksum``; chosen by bench/bench_checksum.py (cache_layout.md says why).
+CHECKSUM_ALGO = "xxh3_64"
 
 # Meta's SamPredictor.set_image, spelled out (cache_layout.md "preprocessing").
 PREPROCESSING: dict[str, Any] = {
@@ -78,13 +88,17 @@ MANIFEST_SCHEMA = pa.schema(
         ("committed_ns", pa.int64()),
         # format 2; null in version-1 fragments (pyarrow fills a missing column with nulls)
         ("exif_orientation", pa.int32()),  # EXIF orientation applied (1..8); null: unknown
-        ("embedding_checksum", pa.string()),  # "algo:hex" of the embedding row; null: not recorded
+        ("embedding_checksum", pa.string()),  # "<algo>:<hex>" of the row's bytes; null: unverified
     ]
 )
 
 
 class CacheFormatError(ValueError):
     """The store is not a samcache cache this version can read."""
+
+
+class CacheDamageError(CacheFormatError):
+    """An embedding row, a chunk or the manifest is damaged; the message names it and the fix."""
 
 
 class CacheMismatchError(ValueError):
@@ -149,6 +163,12 @@ class CacheAttrs:
             )
         known["embedding_shape"] = shape
         return cls(**known)
+
+    @property
+    def max_pixels(self) -> int:
+        """The pixel limit the cache's images were read under (`embed run --max-pixels`)."""
+        value = self.embed_config.get("max_pixels", DEFAULT_MAX_PIXELS)
+        return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_PIXELS
 
     def describe_model(self) -> str:
         return f"{self.model_type} ({self.checkpoint_name}, sha256 {self.checkpoint_sha256[:12]}…)"

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,13 @@ import zarr.storage
 
 from shared.cache_format import (
     ATTRS_KEY,
+    BASE_PATTERN,
     BASE_PREFIX,
+    CHECKSUM_ALGO,
     EMBEDDING_SHAPE,
     EMBEDDINGS,
     FORMAT_VERSION,
+    FRAGMENT_PATTERN,
     FRAGMENT_PREFIX,
     MANIFEST_DIR,
     MANIFEST_POINTER,
@@ -38,6 +42,7 @@ from shared.cache_format import (
     STATUS_OK,
     TEMP_PREFIX,
     CacheAttrs,
+    CacheDamageError,
     CacheFormatError,
 )
 from shared.files import atomic_write
@@ -101,8 +106,14 @@ def create_cache(location: Location, attrs: CacheAttrs) -> Cache:
     return Cache(location, attrs, group)
 
 
-def open_cache(target: str | Path | Location, *, read_only: bool = True) -> Cache:
-    """Open an existing cache, validating its format (errors name what was found)."""
+def open_cache(
+    target: str | Path | Location, *, read_only: bool = True, check_rows: bool = True
+) -> Cache:
+    """Open an existing cache, validating its format (errors name what was found).
+
+    ``check_rows``: refuse an ``embeddings`` array smaller than the manifest's rows (off only
+    for `embed verify`, which reports it).
+    """
     location = target if isinstance(target, Location) else parse_location(target)
     if location.is_local and not os.path.exists(location.path):
         raise CacheNotFoundError(
@@ -128,7 +139,30 @@ def open_cache(target: str | Path | Location, *, read_only: bool = True) -> Cach
             f"{location.display}: embeddings are {array.shape[1:]} {array.dtype}, "
             f"expected {EMBEDDING_SHAPE} {attrs.dtype}"
         )
+    if check_rows:
+        check_rows_fit(cache)
     return cache
+
+
+def manifest_rows_needed(location: Location) -> int:
+    """max(row) + 1 over every committed manifest row (0 for an empty manifest)."""
+    rows = read_manifest_all(location, ["row"]).column("row")
+    largest = pc.max(rows).as_py() if len(rows) else None
+    return 0 if largest is None else max(0, int(largest) + 1)
+
+
+def check_rows_fit(cache: Cache) -> None:
+    """Refuse an ``embeddings`` array smaller than the manifest says (an edited zarr.json):
+    writing or reading it would overwrite or mis-read rows of ``ok`` images."""
+    needed = manifest_rows_needed(cache.location)
+    have = int(cache.embeddings.shape[0])
+    if have < needed:
+        raise CacheDamageError(
+            f"{cache.name}: embeddings has {have} rows but the manifest uses rows up to "
+            f"{needed - 1} ({needed} rows needed); embeddings/zarr.json was edited or replaced. "
+            f"Restore its shape to at least ({needed}, 256, 64, 64), then run `embed verify "
+            f"{cache.name}`"
+        )
 
 
 def grow_embeddings(cache: Cache, n_new: int) -> range:
@@ -205,17 +239,126 @@ def stored_rows(cache: Cache) -> set[int]:
     return rows
 
 
-def write_embedding(array: zarr.Array, row: int, embedding: np.ndarray) -> None:
-    """Write one row (one whole chunk) in the array's dtype."""
-    array[row] = np.asarray(embedding, dtype=array.dtype).reshape(EMBEDDING_SHAPE)
+def write_embedding(array: zarr.Array, row: int, embedding: np.ndarray) -> str:
+    """Write one row (one whole chunk) in the array's dtype; returns its checksum
+    (``embedding_checksum`` of the manifest row)."""
+    stored = np.ascontiguousarray(np.asarray(embedding, dtype=array.dtype).reshape(EMBEDDING_SHAPE))
+    array[row] = stored
+    return embedding_checksum(stored)
 
 
-def read_embeddings(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
-    """Rows as (len(rows), 256, 64, 64) in storage dtype; one chunk read per row."""
+def chunk_problem(cache: Cache, row: int) -> str | None:
+    """Why row ``row``'s chunk file is not a whole chunk: missing or of the wrong size."""
+    array = cache.embeddings
+    key = array.metadata.encode_chunk_key((int(row), 0, 0, 0))
+    path = cache.location.join(EMBEDDINGS, *key.split("/"))
+    expected = int(np.prod(EMBEDDING_SHAPE)) * array.dtype.itemsize
+    fs = cache.location.fs
+    if not fs.exists(path):
+        return "its chunk file is missing (it would read as zeros)"
+    size = int(fs.size(path))
+    if size != expected:
+        return f"its chunk file is {size} bytes, expected {expected} (truncated or damaged)"
+    return None
+
+
+def _checksum_functions() -> dict[str, Callable[[Any], int]]:
+    """algo name → function of a C-contiguous buffer, for the libraries importable here."""
+    import zlib
+
+    import google_crc32c  # a dependency of zarr
+
+    found: dict[str, Callable[[Any], int]] = {
+        "crc32": zlib.crc32,
+        "crc32c": lambda buffer: google_crc32c.value(bytes(buffer)),
+    }
+    try:
+        import xxhash
+
+        found["xxh3_64"] = xxhash.xxh3_64_intdigest
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    return found
+
+
+_CHECKSUMS = _checksum_functions()
+CHECKSUM_ALGOS = tuple(_CHECKSUMS)  # the algorithms this samcache can verify
+
+
+def embedding_checksum(embedding: np.ndarray, algo: str = CHECKSUM_ALGO) -> str:
+    """``"<algo>:<hex>"`` of the row's bytes in C order (``embedding`` in storage dtype)."""
+    data = np.ascontiguousarray(embedding)
+    return f"{algo}:{_CHECKSUMS[algo](memoryview(data).cast('B')):x}"
+
+
+def row_checksum_problem(embedding: np.ndarray, expected: str | None) -> str | None:
+    """Why ``embedding`` does not match ``expected`` (None: it matches, or nothing to check)."""
+    if not expected:
+        return None  # a row written before checksums existed: unverified
+    algo = expected.split(":", 1)[0]
+    if algo not in _CHECKSUMS:
+        return f"its checksum {expected!r} uses {algo!r}, which this samcache cannot compute"
+    found = embedding_checksum(embedding, algo)
+    if found == expected:
+        return None
+    zeros = not np.any(embedding)
+    hint = " (the row reads as all zeros: its chunk file is missing)" if zeros else ""
+    return f"checksum {found} differs from the manifest's {expected}{hint}"
+
+
+def damage_message(where: str, row: int, image_id: str | None, problem: str) -> str:
+    image = f"image {image_id!r}" if image_id else "an image"
+    return (
+        f"{where}: the embedding of {image} (row {row}) is damaged: {problem}. List all damage "
+        f"with `embed verify {where}`; re-encode the damaged rows with `embed run --images DIR "
+        f"--out {where} --repair`"
+    )
+
+
+def read_embeddings(
+    array: zarr.Array,
+    rows: Sequence[int],
+    *,
+    checksums: Sequence[str | None] | None = None,
+    image_ids: Sequence[str] | None = None,
+    where: str = "the cache",
+) -> np.ndarray:
+    """Rows as (len(rows), 256, 64, 64) in storage dtype; one chunk read per row.
+
+    With ``checksums`` (the manifest's ``embedding_checksum`` per row) every row is verified;
+    a row that cannot be read (a truncated chunk) or does not match (a flipped byte, a deleted
+    chunk read as zeros) raises CacheDamageError naming the image, the row and the repair.
+    """
     out = np.empty((len(rows), *EMBEDDING_SHAPE), dtype=array.dtype)
     for i, row in enumerate(rows):
-        out[i] = array[int(row)]
+        problem = read_row_into(array, int(row), out[i])
+        if problem is None and checksums is not None:
+            problem = row_checksum_problem(out[i], checksums[i])
+        if problem is not None:
+            image_id = image_ids[i] if image_ids is not None else None
+            raise CacheDamageError(damage_message(where, int(row), image_id, problem))
     return out
+
+
+def read_row_into(array: zarr.Array, row: int, out: np.ndarray) -> str | None:
+    """Read row ``row`` into ``out``; why it cannot be read (None: it was)."""
+    try:
+        out[...] = array[row]
+    except Exception as exc:  # a truncated or garbled chunk, a row past the end
+        return f"its chunk cannot be read ({type(exc).__name__}: {exc})"
+    return None
+
+
+def read_embedding_rows(cache: Cache, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The verified embeddings of manifest records (``row``, ``image_id``,
+    ``embedding_checksum``): the one read path of stage 2 (training, eval, predict, amg)."""
+    return read_embeddings(
+        cache.embeddings,
+        [int(r["row"]) for r in records],
+        checksums=[r.get("embedding_checksum") for r in records],
+        image_ids=[str(r["image_id"]) for r in records],
+        where=cache.name,
+    )
 
 
 # --- the manifest ---------------------------------------------------------------------------
@@ -354,17 +497,45 @@ def manifest_names(location: Location) -> list[str]:
     location.fs.invalidate_cache(manifest_dir)  # other processes commit fragments too
     if not location.fs.exists(manifest_dir):
         return []
-    return sorted(p.rsplit("/", 1)[-1] for p in location.fs.ls(manifest_dir, detail=False))
+    listed = location.fs.ls(manifest_dir, detail=False)
+    return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed)
+
+
+_FRAGMENT_NAME = re.compile(FRAGMENT_PATTERN)
+_BASE_NAME = re.compile(BASE_PATTERN)
+
+
+def stray_manifest_names(names: Sequence[str]) -> list[str]:
+    """Names in ``manifest/`` that the format does not name (a sync tool's
+    ``part-….parquet.6aF8``, a copy): never read, reported by `embed status` and `embed verify`.
+
+    The format names fragments (``part-<20 digits>-<12 hex>.parquet``), compacted bases
+    (``base-<20 digits>-<12 hex>.parquet``), the pointer and writers' temp files (``.tmp-…``).
+    """
+    return [
+        n
+        for n in names
+        if not (_FRAGMENT_NAME.fullmatch(n) or _BASE_NAME.fullmatch(n))
+        and n != MANIFEST_POINTER
+        and not n.startswith(TEMP_PREFIX)
+    ]
+
+
+def manifest_files(location: Location) -> tuple[list[str], list[str]]:
+    """(live manifest paths, stray names): what readers read, and what they ignore."""
+    names = manifest_names(location)
+    live = live_manifest_files(names, read_manifest_state(location))
+    return [location.join(MANIFEST_DIR, n) for n in live], stray_manifest_names(names)
 
 
 def live_manifest_files(names: Sequence[str], state: ManifestState) -> list[str]:
-    """The files that make the manifest: the pointer's base, then fragments not merged into it."""
+    """The files that make the manifest: the pointer's base, then fragments not merged into it.
+
+    Only names the format gives are read (``part-<20 digits>-<12 hex>.parquet``): a stray file
+    that merely starts with ``part-`` is ignored.
+    """
     merged = set(state.merged)
-    parts = [
-        n
-        for n in names
-        if n.startswith(FRAGMENT_PREFIX) and n.endswith(".parquet") and n not in merged
-    ]
+    parts = [n for n in names if _FRAGMENT_NAME.fullmatch(n) and n not in merged]
     return ([state.base] if state.base else []) + parts
 
 

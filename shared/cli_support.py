@@ -60,6 +60,16 @@ class SuggestingCommand(typer.core.TyperCommand):
             raise
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised by a DataLoader worker (whose message is
+    "Caught X in DataLoader worker…" + the worker's traceback), the original message only."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def print_error(text: str) -> None:
     console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
 
@@ -93,7 +103,7 @@ def user_errors(
         yield
     except (ValueError, OSError) as exc:
         code = code_of(exc, 2)
-        print_error(str(exc))
+        print_error(one_line(exc))
         raise typer.Exit(code) from None
     except KeyboardInterrupt:
         console.print(escape(f"interrupted{interrupted() if interrupted else ''}"), highlight=False)
@@ -102,7 +112,7 @@ def user_errors(
         code = code_of(exc, None)
         if code is None:
             raise
-        print_error(str(exc))
+        print_error(one_line(exc))
         raise typer.Exit(code) from None
 
 

@@ -68,10 +68,19 @@ class CacheLock:
     runs started within the same few milliseconds can both pass (documented in cache_layout.md).
     """
 
-    def __init__(self, location: Location, name: str, stale_after: float = 120.0) -> None:
+    def __init__(
+        self,
+        location: Location,
+        name: str,
+        stale_after: float = 120.0,
+        *,
+        writer: str = "`embed run`",
+        hint: str = "Wait for it to finish (or stop it); runs never need to be merged by hand.",
+    ) -> None:
         self.location = location
         self.path = location.join(name)
         self.stale_after = stale_after
+        self.writer, self.hint = writer, hint
         self._fd: int | None = None
         self._held_remote = False
         self._token = uuid.uuid4().hex
@@ -145,9 +154,36 @@ class CacheLock:
 
     def _busy_message(self, holder: str) -> str:
         return (
-            f"{self.location.display} is being written by another `embed run` ({holder or '?'}). "
-            "Wait for it to finish (or stop it); runs never need to be merged by hand."
+            f"{self.location.display} is being written by another {self.writer} "
+            f"({holder or '?'}). {self.hint}"
         )
+
+    def holder(self) -> str | None:
+        """Who holds the lock now (its record), or None when nobody does; takes nothing.
+
+        Local: a non-blocking ``flock`` probe, released at once (an ``embed run`` starting in
+        that instant would be refused once, with the usual message). Object stores: a fresh
+        lease."""
+        if not self.location.is_local:
+            fs = self.location.fs
+            fs.invalidate_cache(self.path)
+            if not fs.exists(self.path):
+                return None
+            text = fs.cat_file(self.path).decode(errors="replace")
+            return text if self._lease_alive(text) else None
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)  # closing releases a probe that succeeded
+        return None
 
     def release(self) -> None:
         if self._fd is not None:

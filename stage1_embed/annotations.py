@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ class Annotations:
     objects: list[dict[str, Any]]
     ignore_rle: str | None = None
     ignore_target_rle: str | None = None
+    notes: tuple[str, ...] = ()  # annotations skipped, with the reason (the row's ``error``)
 
 
 NO_ANNOTATIONS = Annotations(has_masks=False, objects=[])
@@ -112,16 +114,18 @@ def load_annotations(
     input_size: (H, W) of the image inside the 1024 frame (``preprocess_shape``).
     Raises AnnotationError for unreadable masks or masks of another size than the image.
     """
+    notes: list[str] = []
     if source.coco is not None:
-        instances, ignore = _coco_instances(source.coco, loaded)
+        instances, ignore = _coco_instances(source.coco, loaded, notes)
     elif source.mask_path is None:
         return NO_ANNOTATIONS
     elif source.mask_kind == "voc":
         instances, ignore = _voc_instances(source, loaded)
     else:
-        mask = _fit(_read_mask(source.mask_path), source.mask_path.name, loaded)
+        mask = _fit(_read_mask(source.mask_path, loaded), source.mask_path.name, loaded)
         instances, ignore = _mask_instances(mask, source.mask_kind)
-    return _build(instances, ignore, input_size)
+    built = _build(instances, ignore, input_size)
+    return replace(built, notes=tuple(notes)) if notes else built
 
 
 # An instance before encoding: (instance_id, category_id, category, bool mask in original frame).
@@ -130,11 +134,11 @@ _Instance = tuple[int, int, str, np.ndarray]
 
 def _voc_instances(source: ImageSource, loaded: LoadedImage) -> tuple[list[_Instance], np.ndarray]:
     assert source.mask_path is not None
-    objects = _fit(_read_mask(source.mask_path, voc=True), source.mask_path.name, loaded)
+    objects = _fit(_read_mask(source.mask_path, loaded, voc=True), source.mask_path.name, loaded)
     classes = None
     if source.class_mask_path is not None:
         path = source.class_mask_path
-        classes = _fit(_read_mask(path, voc=True), f"SegmentationClass/{path.name}", loaded)
+        classes = _fit(_read_mask(path, loaded, voc=True), f"SegmentationClass/{path.name}", loaded)
     instances = []
     for value in np.unique(objects):
         if value == 0 or value == VOID:
@@ -165,7 +169,11 @@ def _mask_instances(mask: np.ndarray, kind: str) -> tuple[list[_Instance], np.nd
     return instances, mask == VOID
 
 
-def _coco_instances(ref: CocoRef, loaded: LoadedImage) -> tuple[list[_Instance], np.ndarray]:
+def _coco_instances(
+    ref: CocoRef, loaded: LoadedImage, notes: list[str]
+) -> tuple[list[_Instance], np.ndarray]:
+    """Instances and ignore region of a COCO entry; an annotation that fails validation is
+    skipped and its reason added to ``notes``."""
     height, width = ref.height, ref.width
     orientation = _frame_of(
         (height, width), loaded, f"COCO entry {ref.file_name} is {width}×{height} px"
@@ -174,6 +182,10 @@ def _coco_instances(ref: CocoRef, loaded: LoadedImage) -> tuple[list[_Instance],
     instances: list[_Instance] = []
     ignore = np.zeros(loaded.original_size, bool)
     for ann in ref.annotations:
+        problem = coco_segmentation_problem(ann.get("segmentation"), height, width)
+        if problem is not None:
+            notes.append(f"skipped COCO annotation {ann.get('id')!r}: {problem}")
+            continue
         rle = _coco_rle(ann, height, width, ref.file_name)
         if rle is None:
             continue
@@ -184,6 +196,52 @@ def _coco_instances(ref: CocoRef, loaded: LoadedImage) -> tuple[list[_Instance],
             category_id = int(ann.get("category_id", 0))
             instances.append((int(ann["id"]), category_id, names.get(category_id, ""), mask))
     return instances, ignore
+
+
+MAX_POLYGON_VALUES = 1_000_000  # coordinates in one annotation's polygons
+
+
+def coco_segmentation_problem(segm: Any, height: int, width: int) -> str | None:
+    """Why ``segm`` must not reach pycocotools (None: safe). Huge polygon coordinates crash it
+    (SIGSEGV), NaN ones make it grow memory without bound; so every value is checked first:
+    finite numbers within one image size beyond each edge; RLE counts non-negative integers
+    adding up to height × width."""
+    if not segm:
+        return None
+    if isinstance(segm, list):
+        margin = max(height, width)
+        total = 0
+        for polygon in segm:
+            if not isinstance(polygon, list):
+                return "a polygon is not a list of numbers"
+            total += len(polygon)
+            if total > MAX_POLYGON_VALUES:
+                return f"its polygons have over {MAX_POLYGON_VALUES} coordinates"
+            values = np.asarray(
+                [v if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
+                 for v in polygon], dtype=np.float64,
+            )  # fmt: skip
+            if not np.isfinite(values).all():
+                return "a polygon coordinate is not a finite number"
+            xs, ys = values[0::2], values[1::2]
+            if len(values) % 2 or (xs < -margin).any() or (xs > width + margin).any() or (
+                ys < -margin).any() or (ys > height + margin).any():  # fmt: skip
+                return (
+                    f"a polygon has an odd number of values or a coordinate far outside the "
+                    f"{width}×{height} px image"
+                )
+        return None
+    if not isinstance(segm, dict) or "counts" not in segm:
+        return "segmentation is neither polygons nor an RLE"
+    counts = segm["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            return "its RLE counts are not non-negative integers"
+        if sum(counts) != height * width:
+            return f"its RLE counts add up to {sum(counts)}, not {height}×{width}"
+    elif not isinstance(counts, str | bytes):
+        return "its RLE counts are neither a list nor a string"
+    return None
 
 
 def _coco_rle(ann: dict[str, Any], height: int, width: int, file_name: str) -> dict | None:
@@ -242,16 +300,28 @@ def _encode(mask: np.ndarray) -> dict[str, Any]:
     return mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
 
 
-def _read_mask(path: Path, *, voc: bool = False) -> np.ndarray:
-    """A 2-D integer array of mask values (palette indices for P images)."""
+def _read_mask(path: Path, loaded: LoadedImage, *, voc: bool = False) -> np.ndarray:
+    """A 2-D integer array of mask values (palette indices for P images).
+
+    The size is read from the header and checked against the image's before any pixel is
+    decoded (a 30000×30000 PNG of 1 MiB would take GiBs): a mask is never larger than its
+    image, which passed the pixel limit.
+    """
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the size check below gives the message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            what = f"mask {path.name} is {im.width}×{im.height} px"
+            _frame_of((im.height, im.width), loaded, what)
             im.load()
             return _mask_values(im, path.name, voc)
     except AnnotationError:
         raise
     except FileNotFoundError:
         raise AnnotationError(f"mask {path.name} does not exist any more") from None
+    except Image.DecompressionBombError as exc:
+        raise AnnotationError(f"mask {path.name} is over the pixel limit: {exc}") from None
     except Exception as exc:
         raise AnnotationError(f"mask {path.name} cannot be read: {exc}") from None
 

@@ -87,10 +87,14 @@ def run(
     ] = None,
     max_pixels: Annotated[
         int, typer.Option(help="Refuse images larger than this (decompression-bomb guard).")
-    ] = 500_000_000,
+    ] = 500_000_000,  # shared.cache_format.DEFAULT_MAX_PIXELS
     download: Annotated[
         bool, typer.Option(help="Download the official checkpoint when it is not found.")
     ] = True,
+    repair: Annotated[
+        bool,
+        typer.Option(help="Re-encode the images `embed verify` finds damaged (into their rows)."),
+    ] = False,
 ) -> None:
     """Encode every image of IMAGES once into the cache OUT (resumable; never encodes twice)."""
     from stage1_embed.config import EmbedConfig
@@ -114,6 +118,7 @@ def run(
             scheduler=scheduler,
             max_pixels=max_pixels,
             download=download,
+            repair=repair,
         )
         with progress_bar() as update:
             summary = run_embed(config, progress=update)
@@ -125,6 +130,10 @@ def run(
 def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
     out = stdout
     rate = f", {summary.images_per_second:.2f} images/s" if summary.encoded else ""
+    if summary.repaired or summary.unrepaired:
+        out.print(f"{summary.cache}: repaired {summary.repaired} damaged image(s)", highlight=False)
+        for image_id, reason in summary.unrepaired:
+            out.print(f"  not repaired {image_id}: {reason}", highlight=False, soft_wrap=True)
     out.print(
         f"{summary.cache}: {summary.total} images; {summary.cached_before} already cached, "
         + (f"{summary.relabelled} relabelled, " if summary.relabelled else "")
@@ -133,6 +142,8 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
         + ("" if summary.model_loaded else " (nothing to encode: model not loaded)"),
         highlight=False,
     )
+    for image_id, note in summary.notes[:20]:
+        out.print(f"  note {image_id}: {note}", highlight=False, soft_wrap=True)
     for image_id, reason in summary.failed[:20]:
         out.print(f"  failed {image_id}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failed) > 20:
@@ -208,6 +219,20 @@ def compact(
         f"{summary.seconds:.1f} s",
         highlight=False,
     )
+
+
+@app.command()
+def verify(
+    cache: Annotated[str, typer.Argument(help="The cache (folder or URL).")],
+) -> None:
+    """Check every row: chunk whole, checksum, rows two images claim (exit 1: damaged)."""
+    from stage1_embed.verify import format_report, verify_cache
+
+    with user_errors(), progress_bar() as update:
+        report = verify_cache(cache, progress=update)
+    stdout.print(format_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("demo-data")

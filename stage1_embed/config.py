@@ -52,6 +52,7 @@ class EmbedConfig:
     scheduler: str | None = None
     max_pixels: int = 500_000_000
     download: bool = True
+    repair: bool = False  # re-encode the rows `embed verify` finds damaged
 
     def __post_init__(self) -> None:
         _choice("model_type", self.model_type, MODEL_TYPES)

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from shared.cache_format import DEFAULT_MAX_PIXELS
 from shared.hashing import bytes_sha256
+from shared.transforms import preprocess_shape
 
-DEFAULT_MAX_PIXELS = 500_000_000
 MIN_SIDE = 2
 EXIF_ORIENTATION_TAG = 0x0112
 
@@ -179,6 +180,11 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageReadError(
             f"image is {width}×{height} px = {_megapixels(width * height)}, over the limit of "
             f"{_megapixels(max_pixels)}; raise --max-pixels to read it"
+        )
+    if min(preprocess_shape((height, width))) < 1:
+        raise ImageReadError(
+            f"image is {width}×{height} px: resized to 1024 px on its long side, its short side "
+            "would be 0 px; crop or pad it to an aspect ratio under 2048:1"
         )
 
 

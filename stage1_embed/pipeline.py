@@ -47,6 +47,7 @@ from stage1_embed.config import EmbedConfig
 from stage1_embed.executors import run_dask, run_local
 from stage1_embed.relabel import Key, ManifestIndex, Relabel, commit_relabels, manifest_records
 from stage1_embed.sources import ImageSource, plan_sources
+from stage1_embed.verify import SHARED_ROW, Damage, verify_cache
 from stage1_embed.work import BatchResult, EncodeSpec, WorkItem
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -68,6 +69,7 @@ class Plan:
     relabel: list[Relabel] = field(default_factory=list)
     duplicates: list[ImageSource] = field(default_factory=list)
     hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # image_id → (image, ann)
+    rows: dict[str, int] = field(default_factory=dict)  # image_id → row re-encoded in place
 
 
 @dataclass
@@ -78,9 +80,12 @@ class RunSummary:
     encoded: int = 0
     relabelled: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (image_id, skipped annotation)
     seconds: float = 0.0
     seconds_encoding: float = 0.0
     model_loaded: bool = False
+    repaired: int = 0
+    unrepaired: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
 
     @property
     def images_per_second(self) -> float:
@@ -109,19 +114,30 @@ def hash_sources(
 
 
 def make_plan(
-    location: Location, sources: Sequence[ImageSource], hashes: Sequence[tuple[str, str]]
+    location: Location,
+    sources: Sequence[ImageSource],
+    hashes: Sequence[tuple[str, str]],
+    damaged: Sequence[Damage] = (),
 ) -> Plan:
     """Compare with the manifest (cache_layout.md "Relabelling").
 
     Same bytes and annotation as the winning ``ok`` row: cached. Bytes some manifest row has an
     embedding of: relabelled onto that row (the image's own row first). Otherwise: encoded.
+    ``damaged`` (from `embed verify`, for ``--repair``): those images are re-encoded, into
+    their own row unless images of other bytes claim it too.
     """
     index = ManifestIndex.read(location)
     plan = Plan(len(sources), [], 0, 0, 0)
+    repair = {d.image_id: d for d in damaged}
     first_of_sha: set[str] = set()
     pending: list[tuple[ImageSource, str, Key, Key | None]] = []  # relabels, by manifest key
     for source, (sha, annotation_sha) in zip(sources, hashes, strict=True):
         plan.hashes[source.image_id] = (sha, annotation_sha)
+        if source.image_id in repair:
+            plan.todo.append(source)
+            if repair[source.image_id].kind != SHARED_ROW:
+                plan.rows[source.image_id] = repair[source.image_id].row
+            continue
         previous = index.known.get(source.image_id)
         own_key = None if previous is None else (source.image_id, previous[4])
         if previous is not None and previous[2] == STATUS_OK and sha:
@@ -201,12 +217,21 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSumma
         download=config.download,
     )
     checkpoint_sha = file_sha256(checkpoint)
+    _refuse_out_in_images(location, Path(config.images))
     _ensure_writable(location)
     with CacheLock(location, LOCK_NAME):
         _open_or_create(location, config, checkpoint, checkpoint_sha)
         remove_stale_temps(location)
-        plan = make_plan(location, sources, hash_sources(sources, progress))
+        damaged = verify_cache(location.display).damaged if config.repair else []
+        plan = make_plan(location, sources, hash_sources(sources, progress), damaged)
         summary = RunSummary(location.display, plan.total, plan.cached)
+        planned = {s.image_id for s in plan.todo}
+        summary.repaired = sum(d.image_id in planned for d in damaged)
+        summary.unrepaired = [
+            (d.image_id, f"{d.problem}; its image is not under --images {config.images}")
+            for d in damaged
+            if d.image_id not in planned
+        ]
         _relabel(location, plan.relabel, summary, progress)
         if plan.todo:
             summary.model_loaded = True
@@ -243,7 +268,9 @@ def _encode(
     from stage1_embed.encoder import resolve_precision
 
     device = resolve_device(config.device)
-    rows = allocate_rows(open_cache(location, read_only=False), len(plan.todo))
+    new = [source for source in plan.todo if source.image_id not in plan.rows]
+    fresh = iter(allocate_rows(open_cache(location, read_only=False), len(new)))
+    rows = [plan.rows[s.image_id] if s.image_id in plan.rows else next(fresh) for s in plan.todo]
     spec = EncodeSpec(
         cache=location.display if not location.is_local else location.path,
         model_type=config.model_type,
@@ -253,7 +280,7 @@ def _encode(
         device=device,
         batch_size=config.batch_size or (8 if device == "cuda" else 1),
         max_pixels=config.max_pixels,
-        n_rows=max(rows) + 1,
+        n_rows=max(int(open_cache(location).embeddings.shape[0]), max(rows) + 1),
     )
     items = [WorkItem(source, row) for source, row in zip(plan.todo, rows, strict=True)]
     done = 0
@@ -264,6 +291,7 @@ def _encode(
         done += n_images
         summary.encoded += result.ok
         summary.failed.extend(result.failed)
+        summary.notes.extend(result.notes)
         if progress is not None:
             progress("encoding", done, len(items))
 
@@ -306,6 +334,19 @@ def _known_checkpoint(location: Location, config: EmbedConfig) -> Path | None:
         )
     hint = Path(attrs.checkpoint_path) if attrs.checkpoint_path else None
     return hint if hint is not None and hint.is_file() else None
+
+
+def _refuse_out_in_images(location: Location, images: Path) -> None:
+    """A cache written among the user's images (``--out`` equal to or inside ``--images``)
+    would mix with them and be read as images by the next run: refuse."""
+    if not location.is_local:
+        return
+    out, root = Path(location.path), images.expanduser().resolve()
+    if out == root or root in out.parents:
+        raise ValueError(
+            f"--out {location.display} is inside --images {images}: the cache would be written "
+            "among your images. Choose an --out outside the images folder"
+        )
 
 
 def _ensure_writable(location: Location) -> None:

@@ -72,6 +72,7 @@ class ImageSource:
     class_mask_path: Path | None = None
     mask_kind: str = "auto"
     coco: CocoRef | None = None
+    name_error: str | None = None  # why the file's name cannot be stored (the image fails)
 
     @property
     def has_masks(self) -> bool:
@@ -123,7 +124,7 @@ def discover_images(
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             path = folder / name
-            image_id = path.relative_to(root).with_suffix("").as_posix()
+            image_id = storable(path.relative_to(root).with_suffix("").as_posix())
             if image_id in found:
                 clashes.append(f"{found[image_id].relative_to(root)} and {path.relative_to(root)}")
             found[image_id] = path
@@ -138,7 +139,26 @@ def discover_images(
             f"{' or its subfolders' if recursive else ' (not recursive)'}; "
             "pass --images with the folder that holds them"
         )
-    return [ImageSource(image_id=i, path=found[i]) for i in sorted(found)]
+    return [ImageSource(i, found[i], name_error=_name_error(found[i])) for i in sorted(found)]
+
+
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes of a non-UTF-8 file name (surrogate escapes) are written
+    as ``\\xe9`` (the manifest's strings must be UTF-8; the name is kept recognisable)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _name_error(path: Path) -> str | None:
+    if storable(path.name) == path.name:
+        return None
+    return (
+        f"file name {storable(path.name)} is not valid UTF-8 (the odd bytes shown as \\x..); "
+        "rename it to UTF-8 (e.g. `convmv -f latin1 -t utf8`)"
+    )
 
 
 def detect_voc(images_dir: str | Path) -> Path | None:

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from shared.cache_format import STATUS_FAILED, STATUS_OK
 from shared.cache_io import (
     live_manifest_files,
+    manifest_files,
     manifest_names,
     open_cache,
     read_manifest_all,
@@ -24,7 +25,8 @@ from shared.cache_io import (
 )
 from shared.storage import parse_location
 
-COLUMNS = ["image_id", "committed_ns", "row", "status", "error", "n_objects", "has_masks", "split"]
+COLUMNS = ["image_id", "committed_ns", "row", "status", "error", "n_objects", "has_masks", "split",
+           "embedding_checksum"]  # fmt: skip
 COMPACT_FILES = 64  # more manifest files than this: reading them costs more than one file
 
 
@@ -49,6 +51,8 @@ class CacheStatus:
     rows_free: int = 0  # freed by `embed compact`, reused by the next run
     manifest_files: int = 0
     row_bytes: int = 0
+    stray: list[str] = field(default_factory=list)  # files in manifest/ that readers ignore
+    unverified: int = 0  # ok rows without an embedding checksum (written before checksums)
 
     @property
     def unused_rows(self) -> int:
@@ -103,6 +107,8 @@ def cache_status(target: str) -> CacheStatus:
         rows_free=len(free),
         manifest_files=len(live_manifest_files(manifest_names(location), state)),
         row_bytes=int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize,
+        stray=manifest_files(location)[1],
+        unverified=pc.sum(pc.invert(pc.is_valid(ok.column("embedding_checksum")))).as_py() or 0,
     )
 
 
@@ -136,6 +142,13 @@ def format_status(status: CacheStatus, max_failures: int = 20) -> str:
             f"rows (up to {_size(status.reclaimable_rows * status.row_bytes)}) and merge "
             f"{status.manifest_files} manifest files into 1"
         )
+    if status.unverified:
+        lines.append(f"checksums    {status.unverified} ok images have none (written before "
+                     "checksums): their embeddings are read unverified")  # fmt: skip
+    if status.stray:
+        names = ", ".join(status.stray[:10])
+        lines.append(f"manifest/    {len(status.stray)} stray file(s), ignored by readers (not "
+                     f"part of the format; remove them): {names}")  # fmt: skip
     if status.failures:
         lines.append("failures:")
         lines += [f"  {image_id}: {reason}" for image_id, reason in status.failures[:max_failures]]

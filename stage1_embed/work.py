@@ -22,7 +22,7 @@ from shared.storage import parse_location
 from shared.transforms import prepare_image
 from stage1_embed.annotations import AnnotationError, annotation_fingerprint, load_annotations
 from stage1_embed.images import ImageReadError, read_image
-from stage1_embed.sources import ImageSource
+from stage1_embed.sources import ImageSource, storable
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class WorkItem:
 class BatchResult:
     ok: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # ok images: skipped annotations
     seconds_encoding: float = 0.0
 
 
@@ -66,6 +67,7 @@ class Prepared:
     annotations: Any = None
     error: str | None = None
     exif_orientation: int | None = None
+    checksum: str | None = None  # of the stored row (manifest ``embedding_checksum``)
 
 
 _PROCESS_STATE: dict[tuple[Any, ...], Any] = {}
@@ -144,6 +146,8 @@ def prepare(item: WorkItem, max_pixels: int) -> Prepared:
     """
     prepared = Prepared(item)
     try:
+        if item.source.name_error:
+            raise ImageReadError(item.source.name_error)
         loaded = read_image(item.source.path, max_pixels=max_pixels)
         prepared.sha256, prepared.original_size = loaded.sha256, loaded.original_size
         prepared.exif_orientation = loaded.exif_orientation
@@ -151,6 +155,9 @@ def prepare(item: WorkItem, max_pixels: int) -> Prepared:
         prepared.annotations = load_annotations(item.source, loaded, prepared.input_size)
     except (ImageReadError, AnnotationError) as exc:
         prepared.error = str(exc)
+        prepared.tensor = None
+    except Exception as exc:  # one bad input never stops a run: it fails with the reason
+        prepared.error = f"cannot be processed: {type(exc).__name__}: {exc}"[:500]
         prepared.tensor = None
     return prepared
 
@@ -168,7 +175,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
     return {
         "image_id": source.image_id,
         "row": prepared.item.row if ok else -1,
-        "path": str(source.path),
+        "path": storable(str(source.path)),
         "sha256": prepared.sha256,
         "annotation_sha256": annotation_fingerprint(source),
         "original_height": height,
@@ -176,7 +183,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "input_height": prepared.input_size[0],
         "input_width": prepared.input_size[1],
         "status": STATUS_OK if ok else STATUS_FAILED,
-        "error": prepared.error,
+        "error": prepared.error if not ok else ("; ".join(ann.notes) or None) if ann else None,
         "split": source.split,
         "splits": list(source.splits),
         "source": source.source,
@@ -187,6 +194,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "ignore_target_rle": ann.ignore_target_rle if (ok and ann is not None) else None,
         "precision": precision,
         "exif_orientation": prepared.exif_orientation,
+        "embedding_checksum": prepared.checksum if ok else None,
     }
 
 
@@ -202,13 +210,19 @@ def encode_prepared(spec: EncodeSpec, prepared: list[Prepared]) -> BatchResult:
         batch = torch.stack([p.tensor for p in chunk])  # type: ignore[misc]
         embeddings = _runner(spec).encode(batch).numpy()
         for p, embedding in zip(chunk, embeddings, strict=True):
-            write_embedding(array, p.item.row, embedding)  # type: ignore[arg-type]
+            p.checksum = write_embedding(array, p.item.row, embedding)  # type: ignore[arg-type]
             p.tensor = None
     result.seconds_encoding = time.perf_counter() - started
     table = manifest_table([_row(p, spec.precision) for p in prepared])
     commit_fragment(parse_location(spec.cache), table)
     result.ok = len(good)
     result.failed = [(p.item.source.image_id, p.error or "") for p in prepared if p.error]
+    result.notes = [
+        (p.item.source.image_id, note)
+        for p in good
+        if p.annotations is not None
+        for note in p.annotations.notes
+    ]
     return result
 
 

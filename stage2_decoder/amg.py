@@ -27,7 +27,7 @@ import torch
 import typer
 from pycocotools import mask as mask_utils
 
-from shared.cache_io import ok_rows, read_embeddings
+from shared.cache_io import ok_rows, read_embedding_rows
 from shared.output_folders import claim_output_folder
 from shared.transforms import coords_to_1024, postprocess_low_res
 from stage2_decoder import checkpoints as ck
@@ -311,7 +311,7 @@ def run_amg(
     for image_id, relative in names.items():
         record = records[image_id]
         original = (record["original_height"], record["original_width"])
-        embedding = torch.from_numpy(read_embeddings(models.cache.embeddings, [record["row"]]))
+        embedding = torch.from_numpy(read_embedding_rows(models.cache, [record]))
         embedding = embedding.to(device=torch_device, dtype=torch.float32)
         input_size = (record["input_height"], record["input_width"])
         found = generate(model, embedding, input_size, original, config)
@@ -321,7 +321,7 @@ def run_amg(
                 {"image_id": image_id, "category_id": 0, "score": r["predicted_iou"], **r}
             )
         if overlays:
-            image, note = read_image_rgb(record["path"], original)
+            image, note = read_image_rgb(record["path"], original, models.cache.attrs.max_pixels)
             masks = [mask_utils.decode(_bytes_rle(r["segmentation"])).astype(bool) for r in found]
             title = f"{image_id} {name.replace('_', '-')}: {len(found)} masks {note}".strip()
             write_png(Path(out) / "overlays" / f"{relative}.png", overlay(image, masks, [], title))

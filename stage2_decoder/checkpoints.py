@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,10 +36,28 @@ CHECKPOINT_FORMAT = "samcache-decoder-train"
 CHECKPOINT_VERSION = 1
 LAST, BEST = "last.pt", "best.pt"
 METRICS, CONFIG = "metrics.jsonl", "config.json"
+TRAIN_LOCK = "train.lock"  # held by the one `decoder train` writing the run folder
+# atomic_write's temp files: ".<name>.<12 hex>.tmp" (left behind only by a killed write)
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 class ResumeError(ValueError):
     """A run cannot be resumed as asked; the message says what to do."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk…); says what was kept and what to do."""
+
+
+def remove_orphan_temps(folder: str | Path) -> list[str]:
+    """Delete temp files of killed atomic writes in the run folder; returns their names.
+    Call only while holding the run folder's lock (no other writer can be mid-write)."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and _TEMP_NAME.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -37,7 +37,9 @@ def user_errors(out: str | None = None) -> AbstractContextManager[None]:
 
     ``out``: the run folder of `decoder train`, named in the resume hint after Ctrl-C.
     """
-    return cli_support.user_errors({"NonFiniteLossError": 3}, lambda: _resume_hint(out))
+    return cli_support.user_errors(
+        {"NonFiniteLossError": 3, "CacheLockedError": 2}, lambda: _resume_hint(out)
+    )
 
 
 def _resume_hint(out: str | None) -> str:
@@ -160,6 +162,10 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last.pt.")
     ] = False,
+    allow_partial_cache: Annotated[
+        bool,
+        typer.Option(help="Train on a cache an `embed run` is still writing (its images so far)."),
+    ] = False,
 ) -> None:
     """Fine-tune the mask decoder on the cache's objects; validate and checkpoint every epoch."""
     from stage2_decoder.config import TrainConfig  # light: bad options fail before torch loads
@@ -174,7 +180,7 @@ def train(
             train_prompt_encoder=train_prompt_encoder, val_fraction=val_fraction, seed=seed,
             checkpoint=str(checkpoint) if checkpoint else None, device=device,
             num_workers=num_workers, log_every=log_every, checkpoint_every=checkpoint_every,
-            resume=resume,
+            resume=resume, allow_partial_cache=allow_partial_cache,
         )  # fmt: skip
         from stage2_decoder.train import train as run_training
 

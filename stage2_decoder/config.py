@@ -30,6 +30,7 @@ OPERATIONAL = frozenset(
         "log_every",
         "checkpoint_every",
         "resume",
+        "allow_partial_cache",
     }
 )
 
@@ -97,6 +98,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     resume: bool = False
+    allow_partial_cache: bool = False  # train while an `embed run` still writes the cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", parse_prompts(self.prompts))

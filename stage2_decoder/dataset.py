@@ -29,12 +29,13 @@ import torch
 from pycocotools import mask as mask_utils
 
 from shared.cache_format import TARGET_SIZE
-from shared.cache_io import ok_rows, open_cache, read_embeddings
+from shared.cache_io import ok_rows, open_cache, read_embedding_rows
 from shared.transforms import boxes_to_1024, target_valid_size
 
 COLUMNS = [
     "image_id", "row", "original_height", "original_width", "input_height", "input_width",
     "split", "has_masks", "n_objects", "objects", "ignore_rle", "ignore_target_rle",
+    "embedding_checksum",
 ]  # fmt: skip
 STREAM_SPLIT, STREAM_ORDER, STREAM_OBJECTS, STREAM_PROMPTS = 1, 2, 3, 4
 EMPTY_TARGET_RLE = mask_utils.encode(np.zeros((TARGET_SIZE, TARGET_SIZE), np.uint8, order="F"))[
@@ -176,6 +177,7 @@ class ObjectBatch:
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     masks_orig: list[torch.Tensor] = field(default_factory=list)
     ignore_orig: list[torch.Tensor] = field(default_factory=list)
+    image_ids: list[str] = field(default_factory=list)  # of image_embeddings' rows (messages)
 
     @property
     def n_objects(self) -> int:
@@ -196,15 +198,18 @@ class _CacheReader:
     def __init__(self, cache_path: str, images: pa.Table) -> None:
         self.cache_path = cache_path
         self.images = images.combine_chunks()
-        self._array = None
+        self._cache = None
         self._pid = -1
 
     def embeddings(self, positions: list[int]) -> tuple[torch.Tensor, float]:
-        if self._array is None or self._pid != os.getpid():
-            self._array, self._pid = open_cache(self.cache_path).embeddings, os.getpid()
-        rows = [int(self.images.column("row")[p].as_py()) for p in positions]
+        """Rows of ``positions``, each verified against its manifest checksum (a damaged row
+        raises ``CacheDamageError`` naming the image and the repair; never trained on)."""
+        if self._cache is None or self._pid != os.getpid():
+            self._cache, self._pid = open_cache(self.cache_path), os.getpid()
+        keys = ["row", "image_id", "embedding_checksum"]
+        records = [{k: self.images.column(k)[p].as_py() for k in keys} for p in positions]
         start = time.perf_counter()
-        array = read_embeddings(self._array, rows)
+        array = read_embedding_rows(self._cache, records)
         return torch.from_numpy(array), time.perf_counter() - start
 
     def image(self, position: int) -> dict:
@@ -287,10 +292,11 @@ class TrainBatches(torch.utils.data.Dataset):
         first_row = np.concatenate([[0], np.cumsum(counts)])  # of each image, all ranks
         parts: dict[str, list] = {"image_index": [], "targets": [], "valid": [], "boxes": []}
         rows: list[int] = []
-        sizes: dict[str, list] = {"input_sizes": [], "original_sizes": []}
+        sizes: dict[str, list] = {"input_sizes": [], "original_sizes": [], "image_ids": []}
         slots = range(self.rank, len(chosen), self.world_size)
         for i, slot in enumerate(slots):
             record = self.reader.image(int(chosen[slot]))
+            sizes["image_ids"].append(record["image_id"])
             original_size = (record["original_height"], record["original_width"])
             sizes["input_sizes"].append((record["input_height"], record["input_width"]))
             sizes["original_sizes"].append(original_size)
@@ -352,4 +358,5 @@ class ValBatches(torch.utils.data.Dataset):
             **_stack(parts, embeddings, seconds), input_sizes=extra["input"],
             original_sizes=extra["original"], masks_orig=extra["masks"],
             ignore_orig=extra["ignore"],
+            image_ids=[self.reader.image(p)["image_id"] for p in positions],
         )  # fmt: skip

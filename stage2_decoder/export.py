@@ -180,7 +180,10 @@ def export_sam_checkpoint(
             )
         tensors = {k: v for k, v in weights.items() if k.startswith("mask_decoder.")}
     else:
-        original = load_state_dict(_original_checkpoint(state, checkpoint, cache, run))
+        source = _original_checkpoint(state, checkpoint, cache, run)
+        if _same_file(Path(out), source):
+            raise ValueError(f"--out {out} is the SAM checkpoint {source} it is made from")
+        original = load_state_dict(source)
         tensors = merged_sam_state_dict(original, weights)
     return ck.atomic_write(out, lambda handle: torch.save(tensors, handle))
 
@@ -346,6 +349,60 @@ def check_onnx(
     return worst
 
 
+# --------------------------------------------------------------------------- the output file
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def export_inputs(
+    run: str | Path, state: dict[str, Any], checkpoint: str | None, cache: str | None
+) -> tuple[list[Path], list[Path]]:
+    """(files, folders) an export reads or that the run and its cache need: the run's
+    checkpoints, config and metrics; the SAM checkpoint (given, in the run's config, recorded by
+    the cache); the cache itself. An export never writes over (or into) any of them."""
+    run = Path(run)
+    files = [run / ck.LAST, run / ck.BEST, run / ck.CONFIG, run / ck.METRICS]
+    config = state.get("config") or {}
+    files += [Path(p) for p in (checkpoint, config.get("checkpoint")) if p]
+    folders = []
+    for cache_path in (cache, config.get("cache")):
+        if not cache_path or "://" in str(cache_path):
+            continue
+        folders.append(Path(cache_path))
+        try:
+            recorded = open_cache(cache_path).attrs.checkpoint_path
+        except (OSError, ValueError):
+            continue
+        if recorded:
+            files.append(Path(recorded))
+    return files, folders
+
+
+def check_export_out(out: Path, files: list[Path], folders: list[Path], *, overwrite: bool) -> None:
+    """Refuse an ``out`` that is an input (even with ``overwrite``) or lies inside the cache;
+    an existing file is replaced only with ``overwrite``."""
+    for path in files:
+        if _same_file(out, path):
+            raise ValueError(
+                f"--out {out} is {path}, an input of this export or of the run (the run's "
+                "checkpoints, the SAM checkpoint of its cache): choose another --out"
+            )
+    resolved = out.expanduser().resolve()
+    for folder in folders:
+        root = folder.expanduser().resolve()
+        if resolved == root or root in resolved.parents:
+            raise ValueError(f"--out {out} is inside the cache {folder}: choose another --out")
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"--out {out} exists; pass --overwrite to replace it, or choose another --out"
+        )
+
+
 # --------------------------------------------------------------------------- command
 
 ONNX_TOLERANCE = 1e-3  # largest |onnxruntime − torch| accepted on the logits
@@ -373,6 +430,9 @@ def export_command(
     cache: Annotated[
         str | None, typer.Option(help="The run's cache, if it moved (finds the checkpoint).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --out if it exists (never an input of the run).")
+    ] = False,
 ) -> None:
     """Export the fine-tuned decoder: a full SAM checkpoint, mask_decoder.* only, or ONNX."""
     from rich.console import Console
@@ -382,6 +442,9 @@ def export_command(
     with user_errors():
         if onnx and decoder_only:
             raise ValueError("--onnx and --decoder-only exclude each other; choose one")
+        given = str(checkpoint) if checkpoint else None
+        files, folders = export_inputs(run, load_run_state(run, which), given, cache)
+        check_export_out(out, files, folders, overwrite=overwrite)
         if onnx:
             model = decoder_from_state(load_run_state(run, which))
             export_onnx(model, out, return_single_mask=return_single_mask, opset=opset)
@@ -390,7 +453,6 @@ def export_command(
                 raise RuntimeError(f"{out}: onnxruntime differs from torch by {error:.2e}")
             detail = f"ONNX decoder (onnxruntime matches torch to {error:.1e})"
         else:
-            given = str(checkpoint) if checkpoint else None
             export_sam_checkpoint(
                 run, out, which=which, decoder_only=decoder_only, checkpoint=given, cache=cache
             )

@@ -36,7 +36,7 @@ import torch
 import typer
 from pycocotools import mask as mask_utils
 
-from shared.cache_io import ok_rows, read_embeddings
+from shared.cache_io import ok_rows, read_embedding_rows
 from shared.output_folders import claim_output_folder
 from shared.transforms import postprocess_low_res
 from stage2_decoder import checkpoints as ck
@@ -63,7 +63,7 @@ from stage2_decoder.visualize import (
 UPSAMPLE_CHUNK = 16  # prompts upsampled to the original frame at once (bounds memory)
 RECORD_COLUMNS = [
     "image_id", "row", "path", "original_height", "original_width", "input_height",
-    "input_width", "has_masks", "objects",
+    "input_width", "has_masks", "objects", "embedding_checksum",
 ]  # fmt: skip
 
 
@@ -162,6 +162,7 @@ class PredictSummary:
     masks: int = 0
     skipped: list[str] = field(default_factory=list)
     results: list[Path] = field(default_factory=list)
+    bad_detections: list[str] = field(default_factory=list)  # "detection k: reason", skipped
 
 
 def rle_result(mask: np.ndarray) -> tuple[dict[str, Any], list[float], int]:
@@ -215,15 +216,17 @@ def run_predict(config: PredictConfig) -> PredictSummary:
     table = ok_rows(models.cache.location, RECORD_COLUMNS)
     ids = ImageIds(table.column("image_id").to_pylist())
     given = None
+    summary = PredictSummary()
     if config.prompts:
         given = parse_prompts_file(config.prompts, ids)
     elif config.boxes:
-        given = parse_detections_file(config.boxes, ids, config.score_threshold)
+        given = parse_detections_file(
+            config.boxes, ids, config.score_threshold, skipped=summary.bad_detections
+        )
     chosen = _select_images(config, ids, given)
     out = Path(config.out)
     names = {image_id: safe_relative(image_id) for image_id in chosen}  # refuse before writing
     records = {r["image_id"]: r for r in table.to_pylist() if r["image_id"] in names}
-    summary = PredictSummary()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in models.decoders}
     for image_id in chosen:
         record = records[image_id]
@@ -252,10 +255,11 @@ def _predict_one(
     image_id = record["image_id"]
     original = (record["original_height"], record["original_width"])
     input_size = (record["input_height"], record["input_width"])
-    embedding = torch.from_numpy(read_embeddings(models.cache.embeddings, [record["row"]]))
+    embedding = torch.from_numpy(read_embedding_rows(models.cache, [record]))
     embedding = embedding.to(device=device, dtype=torch.float32)
     panels = []
-    image, note = read_image_rgb(record["path"], original) if config.overlays else (None, "")
+    limit = models.cache.attrs.max_pixels
+    image, note = read_image_rgb(record["path"], original, limit) if config.overlays else (None, "")
     for model_name, model in models.decoders.items():
         predictions = predict_image(model, embedding, prompts, input_size, original)
         for k, (prompt, prediction) in enumerate(zip(prompts, predictions, strict=True)):
@@ -312,6 +316,10 @@ def predict_command(
         )  # fmt: skip
         summary = run_predict(config)
     skipped = f"; {len(summary.skipped)} image(s) had no prompt" if summary.skipped else ""
+    if summary.bad_detections:
+        skipped += f"; {len(summary.bad_detections)} detection(s) skipped"
+    for line in summary.bad_detections[:10]:
+        Console(stderr=True).print(f"skipped {line}", highlight=False, soft_wrap=True)
     Console().print(
         f"{out}: {summary.masks} masks for {summary.images} images "
         f"({', '.join(p.name for p in summary.results)}){skipped}",

@@ -58,19 +58,32 @@ class PromptFileError(ValueError):
     """A prompts / detections file that cannot be used; the message names the problem."""
 
 
+# Bounds on what an input file may ask for (each one a one-line error, never a traceback).
+MAX_POINTS = 100  # points of one prompt (SAM is trained with at most ~10 clicks)
+MAX_COORDINATE = 1e7  # |x|, |y| in pixels: far beyond any image the pixel limit admits
+
+
 def load_json(path: str | Path) -> Any:
-    """Parsed JSON; a missing file or a syntax error becomes one PromptFileError line."""
+    """Parsed JSON; a missing file, a syntax error, deep nesting or a huge number becomes one
+    PromptFileError line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise PromptFileError(f"cannot read {path} ({error.strerror or error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise PromptFileError(f"cannot read {path} ({reason})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise PromptFileError(
             f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
         ) from None
+    except RecursionError:
+        raise PromptFileError(
+            f"{path} nests arrays/objects too deeply to be a prompts file"
+        ) from None
+    except ValueError as error:  # e.g. an integer of over 4300 digits
+        raise PromptFileError(f"{path} cannot be read as JSON: {str(error)[:200]}") from None
 
 
 class ImageIds:
@@ -89,7 +102,7 @@ class ImageIds:
         if isinstance(value, str) and value in self.known:
             return value
         number = value if isinstance(value, int) and not isinstance(value, bool) else None
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isdigit() and len(value) <= 19:
             number = int(value)
         found = self.by_int.get(number, []) if number is not None else []
         return found[0] if len(found) == 1 else None
@@ -103,13 +116,17 @@ class ImageIds:
         )
 
 
+def _is_coordinate(value: Any) -> bool:
+    """A finite number within ±MAX_COORDINATE (a huge int never becomes a float here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) <= MAX_COORDINATE and (isinstance(value, int) or math.isfinite(value))
+
+
 def _number_list(value: Any, length: int | None, what: str) -> np.ndarray:
     ok = isinstance(value, list) and (length is None or len(value) == length)
-    ok = ok and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
-    )
-    if not ok:
-        raise PromptFileError(what)
+    if not (ok and all(_is_coordinate(v) for v in value)):
+        raise PromptFileError(f"{what}, finite, within ±{MAX_COORDINATE:g} px")
     return np.asarray(value, dtype=np.float64)
 
 
@@ -124,6 +141,11 @@ def _points(item: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray]:
     raw = item.get("points", [])
     if not isinstance(raw, list):
         raise PromptFileError(f"{where}: 'points' must be a list of (x, y) pairs")
+    if len(raw) > MAX_POINTS:
+        raise PromptFileError(
+            f"{where}: {len(raw)} points in one prompt; at most {MAX_POINTS} (split it into "
+            "several prompts)"
+        )
     points = [_number_list(p, 2, f"{where}: 'points' must be a list of (x, y) pairs") for p in raw]
     labels_raw = item.get("labels", [1] * len(points))
     if not isinstance(labels_raw, list) or len(labels_raw) != len(points):
@@ -183,26 +205,47 @@ def parse_prompts_file(path: str | Path, ids: ImageIds) -> dict[str, list[Prompt
     return out
 
 
+def _detection_problem(det: Any) -> str | None:
+    """Why one COCO detection cannot be a box prompt (None: it can)."""
+    if not isinstance(det, dict) or "image_id" not in det or "bbox" not in det:
+        return "needs image_id and bbox (x, y, w, h)"
+    bbox, score = det["bbox"], det.get("score", 1.0)
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_coordinate, bbox))):
+        return f"bbox {str(bbox)[:60]} is not 4 finite numbers (x, y, w, h)"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"bbox {bbox} has a negative width or height"
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        return f"score {str(score)[:30]} is not a finite number"
+    category = det.get("category_id", 0)
+    if isinstance(category, bool) or not isinstance(category, int) or abs(category) >= 2**31:
+        return f"category_id {str(category)[:30]} is not a 32-bit integer"
+    return None
+
+
 def parse_detections_file(
-    path: str | Path, ids: ImageIds, score_threshold: float = 0.0
+    path: str | Path,
+    ids: ImageIds,
+    score_threshold: float = 0.0,
+    skipped: list[str] | None = None,
 ) -> dict[str, list[Prompt]]:
-    """Box prompts from COCO detection results (``bbox`` XYWH), ``score >= score_threshold``."""
+    """Box prompts from COCO detection results (``bbox`` XYWH), ``score >= score_threshold``.
+
+    A detection that cannot be used (NaN score, bad bbox, …) is skipped; its index and reason go
+    to ``skipped``. A file whose every detection is bad is refused.
+    """
     data = load_json(path)
     if not isinstance(data, list):
         raise PromptFileError(f"{path}: expected a list of detections (COCO results format)")
     out: dict[str, list[Prompt]] = {}
     unknown = []
+    bad: list[str] = []
     for k, det in enumerate(data):
-        where = f"{path}: detection {k}"
-        if not isinstance(det, dict) or "image_id" not in det or "bbox" not in det:
-            raise PromptFileError(f"{where}: needs image_id and bbox (x, y, w, h)")
-        x, y, w, h = _number_list(det["bbox"], 4, f"{where}: 'bbox' must be 4 numbers (x, y, w, h)")
-        score = det.get("score", 1.0)
-        category = det.get("category_id", 0)
-        if w < 0 or h < 0 or not isinstance(score, int | float) or not isinstance(category, int):
-            raise PromptFileError(
-                f"{where}: needs bbox w, h >= 0, a numeric score, int category_id"
-            )
+        problem = _detection_problem(det)
+        if problem is not None:
+            bad.append(f"detection {k}: {problem}")
+            continue
+        x, y, w, h = (float(v) for v in det["bbox"])
+        score, category = det.get("score", 1.0), det.get("category_id", 0)
         image_id = ids.resolve(det["image_id"])
         if image_id is None:
             unknown.append(det["image_id"])
@@ -218,8 +261,12 @@ def parse_detections_file(
                     image_key=det["image_id"],
                 )
             )
+    if bad and len(bad) == len(data):
+        raise PromptFileError(f"{path}: all {len(bad)} detections are unusable, e.g. {bad[0]}")
     if unknown:
         raise ids.unknown_error(sorted(set(map(str, unknown))), str(path))
+    if skipped is not None:
+        skipped.extend(bad)
     return out
 
 

@@ -135,7 +135,7 @@ def _check_finite(value: torch.Tensor, parts: dict[str, torch.Tensor], where: st
     shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
     raise NonFiniteLossError(
         f"loss is {float(value.detach())} at {where} ({shown}); lower --lr, keep --grad-clip "
-        "on, or use --precision fp32"
+        "on, or use --precision fp32 (`embed verify CACHE` checks the images' embeddings)"
     )
 
 

@@ -36,6 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -46,7 +47,7 @@ from stage2_decoder.config import TrainConfig
 from stage2_decoder.dataset import STREAM_PROMPTS, TrainBatches, ValBatches, derive_seed
 from stage2_decoder.plots import CURVES, plot_curves
 from stage2_decoder.schedule import lr_at
-from stage2_decoder.setup import Distributed, Run, average_gradients, setup_run
+from stage2_decoder.setup import Distributed, Run, average_gradients, run_folder_lock, setup_run
 from stage2_decoder.step import StepSettings, interactive_step
 from stage2_decoder.validate import ValResult, validate
 
@@ -103,7 +104,7 @@ def train(
     dist = Distributed.from_env()
     if not dist.is_main:
         progress, warn = NoProgress(), _silent
-    with dist.started(dist.device(config.device)):
+    with dist.started(dist.device(config.device)), run_folder_lock(Path(config.out), dist):
         run = setup_run(config, explicit=explicit, warn=warn or progress.message, dist=dist)
         return fit(run, progress)
 
@@ -218,7 +219,8 @@ def _micro_steps(
         result = interactive_step(
             run.model, batch, settings, generator, device=run.device, precision=run.precision,
             loss_scale=world * share, scaler=run.scaler,
-            where=f"step {step + 1} (epoch {epoch + 1}, micro-batch {micro})",
+            where=f"step {step + 1} (epoch {epoch + 1}, micro-batch {micro}, images "
+                  f"{_named(batch.image_ids)})",
         )  # fmt: skip
         values = {"loss": result.loss, **result.parts}
         for window in windows:
@@ -228,6 +230,12 @@ def _micro_steps(
             window.read_s += batch.read_seconds
     if run.ddp is not None:
         average_gradients(run.ddp)
+
+
+def _named(image_ids: list[str], most: int = 8) -> str:
+    """Image ids for a message: the first ``most`` of them, then how many more."""
+    more = f" and {len(image_ids) - most} more" if len(image_ids) > most else ""
+    return ", ".join(image_ids[:most]) + more if image_ids else "none"
 
 
 def fit(run: Run, progress: Progress) -> Summary:
@@ -288,7 +296,7 @@ def fit(run: Run, progress: Progress) -> Summary:
             last_val = _after_validation(run, sink, val, done, epoch + 1)
             progress.message(_describe_val(epoch + 1, val))
         elif config.checkpoint_every and done % config.checkpoint_every == 0 and main:
-            ck.save_checkpoint(run.out / ck.LAST, _state(run, done, epoch))
+            _save(run, ck.LAST, done, epoch)
         if window.steps == 0:  # rates of the next log line count training time only
             window = _Window()
     sink.close()
@@ -315,9 +323,32 @@ def _after_validation(
     sink.write(record)
     plot_curves(run.out / ck.METRICS, run.out / CURVES)
     if better:
-        ck.save_checkpoint(run.out / ck.BEST, _state(run, step, epoch))
-    ck.save_checkpoint(run.out / ck.LAST, _state(run, step, epoch))
+        _save(run, ck.BEST, step, epoch)
+    _save(run, ck.LAST, step, epoch)
     return record
+
+
+def _save(run: Run, name: str, step: int, epoch: int) -> None:
+    """Write a checkpoint; a failed write (a full disk: torch raises OSError or RuntimeError)
+    leaves the previous file whole and ends the run with one line saying what was kept."""
+    try:
+        ck.save_checkpoint(run.out / name, _state(run, step, epoch))
+    except (OSError, RuntimeError) as error:
+        last = run.out / ck.LAST
+        kept = (f"the last good checkpoint is {last} (step {run.saved_step})"
+                if last.is_file() and run.saved_step else "no checkpoint was kept")  # fmt: skip
+        raise ck.CheckpointWriteError(
+            f"cannot write {run.out / name} at step {step} ({_reason(error)}); {kept}. Free "
+            f"space (or use another --out), then continue with `decoder train --out {run.out} "
+            "--resume`"
+        ) from None
+    if name == ck.LAST:
+        run.saved_step = step
+
+
+def _reason(error: BaseException) -> str:
+    text = getattr(error, "strerror", None) or str(error)
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _describe_val(epoch: int, val: ValResult) -> str:

@@ -9,6 +9,7 @@ PNG is written atomically (temp file, fsync, ``os.replace``).
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from shared.cache_format import DEFAULT_MAX_PIXELS
 from stage2_decoder.checkpoints import atomic_write
 
 # Distinct, saturated RGB colours (tab10 without grey), reused cyclically.
@@ -37,17 +39,29 @@ class DrawnPrompt:
     box: np.ndarray | None = None
 
 
-def read_image_rgb(path: str | None, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+def read_image_rgb(
+    path: str | None, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, str]:
     """(H×W×3 uint8 RGB image, note) for the manifest ``path`` expected at ``size`` (H, W).
 
     The note is "" when the file was read, else why a grey canvas stands in for it.
+    ``max_pixels``: the pixel limit the cache's images were read under (``CacheAttrs.max_pixels``),
+    so an image `embed run` cached is drawn here too, and a larger file is never decoded.
     """
     height, width = size
+    grey = np.full((height, width, 3), 128, np.uint8)
+    Image.MAX_IMAGE_PIXELS = max_pixels  # process-wide, as stage 1 sets it
     try:
-        with Image.open(str(path)) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(str(path)) as opened:
+                if opened.width * opened.height > max_pixels:
+                    return grey, "image file is over the pixel limit"
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+    except Image.DecompressionBombError:
+        return grey, "image file is over the pixel limit"
     except (OSError, ValueError, TypeError):
-        return np.full((height, width, 3), 128, np.uint8), "image file not found"
+        return grey, "image file not found"
     array = np.asarray(image)
     if array.shape[:2] != (height, width):
         return np.full((height, width, 3), 128, np.uint8), "image file changed size"

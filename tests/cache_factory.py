@@ -126,9 +126,10 @@ def make_cache(
     records = []
     for index, row in enumerate(rows):
         embedding = rng.standard_normal((256, 64, 64), dtype=np.float32) * 0.5
-        write_embedding(cache.embeddings, row, embedding)
+        checksum = write_embedding(cache.embeddings, row, embedding)
         split = splits[index] if splits is not None else None
         record = _image_row(rng, index, row, counts[index] if with_masks else 0, split)
+        record["embedding_checksum"] = checksum
         if not with_masks:
             record.update(has_masks=False, ignore_rle=None, ignore_target_rle=None)
         records.append(record)

@@ -145,13 +145,13 @@ def test_batches_do_not_depend_on_worker_count(cache: str) -> None:
 
 def test_each_embedding_is_read_once_per_batch(cache: str, monkeypatch) -> None:
     reads: list[list[int]] = []
-    original = ds.read_embeddings
+    original = ds.read_embedding_rows
 
-    def spy(array, rows):
-        reads.append(list(rows))
-        return original(array, rows)
+    def spy(cache, records):
+        reads.append([r["row"] for r in records])
+        return original(cache, records)
 
-    monkeypatch.setattr(ds, "read_embeddings", spy)
+    monkeypatch.setattr(ds, "read_embedding_rows", spy)
     data = _train_batches(cache, objects_per_image=3)
     batch = data[0]
     assert len(reads) == 1 and len(reads[0]) == len(set(reads[0])) == 2
