@@ -259,7 +259,7 @@ class LabellingApp:
 
     def _detail(self, image_id: str) -> dict[str, Any]:
         record = self.labeller.records[image_id]
-        ground_truth = self.labeller.ground_truth(image_id)
+        ground_truth = self.labeller.prepare(image_id).ground_truth
         objects = [o for o in record["objects"] or [] if o.get("rle")]
         return {
             "image_id": image_id, "width": record["original_width"],

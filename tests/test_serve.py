@@ -31,7 +31,7 @@ from tests.decoder_runs import make_run
 from tests.test_predict import build_voc_cache
 
 with warnings.catch_warnings():  # starlette >= 1.x suggests httpx2; httpx works the same
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`:DeprecationWarning")
@@ -312,3 +312,31 @@ def test_embed_run_reads_the_labels(client, voc_sample_dir, tiny_checkpoint, tmp
     for row, ann in zip((rows["000032"], rows["000033"]), labels["annotations"], strict=True):
         assert row["objects"][0]["rle"] == ann["segmentation"]["counts"]
         assert row["objects"][0]["category"] == ("person" if row is rows["000032"] else "dog")
+
+
+def test_cached_first_block_equals_forward(voc_cache, run_dir):
+    """The per-image cache of the first block changes no number of the decoder's forward."""
+    import torch
+
+    from stage2_decoder.interactive import decode_low_res, image_state
+
+    labeller = Labeller(load_models(str(voc_cache), run=str(run_dir)))
+    embedding = labeller.load("000033").embedding
+    original, _ = labeller.sizes("000033")
+    prompts = [
+        Prompt(np.array([[100.0, 80.0]]), np.array([1])),
+        Prompt(np.array([[100.0, 80.0], [10.0, 10.0]]), np.array([1, 0])),
+        Prompt(np.zeros((0, 2)), np.zeros(0, np.int64), np.array([20.0, 30.0, 200.0, 180.0])),
+    ]
+    with torch.inference_mode():
+        for model in labeller.decoders.values():
+            state = image_state(model, embedding)
+            for prompt in prompts:
+                coords, labels = prompt.tokens(original)
+                expected, expected_iou = model(
+                    embedding, torch.zeros(1, dtype=torch.int64),
+                    torch.from_numpy(coords)[None], torch.from_numpy(labels)[None],
+                )  # fmt: skip
+                logits, iou = decode_low_res(model, state, prompt, original)
+                torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(iou, expected_iou[0], atol=1e-6, rtol=1e-6)
