@@ -298,8 +298,10 @@ function renderChoices() {
     if (!result) continue;
     result.masks.forEach((mask, k) => {
       const button = document.createElement("button");
-      button.textContent = `mask ${k + 1}: IoU pred ${fmt(mask.predicted_iou)}` +
-        (mask.gt_iou === null ? "" : ` · vs GT ${fmt(mask.gt_iou)}`);
+      button.textContent = `${k + 1}: IoU pred ${fmt(mask.predicted_iou)}` +
+        (mask.gt_iou === null ? "" : ` · GT ${fmt(mask.gt_iou)}`);
+      button.title = `mask ${k + 1}: predicted IoU, stability ${fmt(mask.stability)}` +
+        (mask.gt_iou === null ? "" : ", IoU with the ground-truth object it overlaps most");
       button.classList.toggle("selected", k === state.selected[name]);
       button.addEventListener("click", () => { state.selected[name] = k; choose(name);
                                                renderChoices(); drawAll(); });
