@@ -219,6 +219,9 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8765,
+    threads: Annotated[
+        int, typer.Option(help="Torch threads per decoder call (0: torch's default; see README).")
+    ] = 1,
 ) -> None:
     """A click-to-segment labelling page on the cached embeddings (no encoder)."""
     import socket
@@ -232,7 +235,7 @@ def serve(
             cache=cache, run=str(run) if run else None,
             checkpoint=str(checkpoint) if checkpoint else None, which=which, labels=str(labels),
             classes=tuple(c.strip() for c in (classes or "").split(",") if c.strip()),
-            host=host, port=port,
+            host=host, port=port, threads=threads,
         )  # fmt: skip
         web_app = build_app(config)
         sock = socket.create_server((host, port))  # port 0: the system picks a free one

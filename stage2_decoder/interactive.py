@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,7 @@ class Labeller:
         self.records: dict[str, dict[str, Any]] = {r["image_id"]: r for r in table.to_pylist()}
         self._loaded: OrderedDict[str, LoadedImage] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decoder")
         self._uncertainty: dict[str, float] = {}
 
     # ------------------------------------------------------------------ images
@@ -157,16 +159,24 @@ class Labeller:
     def predict(
         self, image_id: str, prompt: Prompt, names: list[str] | None = None
     ) -> dict[str, list[Candidate]]:
-        """The masks offered by each decoder (all by default) for one prompt."""
+        """The masks offered by each decoder (all by default) for one prompt.
+
+        Two decoders run at once, one Python thread each (torch releases the GIL in its ops):
+        with one torch thread per call (`decoder serve --threads 1`) they use two cores.
+        """
         original, input_size = self.sizes(image_id)
-        with self._lock, torch.inference_mode():
+        names = names or list(self.decoders)
+        with self._lock:
             loaded = self._load(image_id)
-            return {
-                name: candidates(
-                    self.decoders[name], self._state(loaded, name), prompt, input_size, original
-                )
-                for name in (names or list(self.decoders))
-            }
+
+            def run(name: str) -> list[Candidate]:
+                with torch.inference_mode():  # thread-local: entered in each worker
+                    state = self._state(loaded, name)
+                    return candidates(self.decoders[name], state, prompt, input_size, original)
+
+            if len(names) == 1:
+                return {names[0]: run(names[0])}
+            return dict(zip(names, self._pool.map(run, names), strict=True))
 
     def ground_truth(self, image_id: str) -> list[np.ndarray]:
         return self.load(image_id).ground_truth

@@ -73,8 +73,11 @@ class ServeConfig:
     classes: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8765
+    threads: int = 1
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"--threads {self.threads} must be >= 0 (0: torch's default)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port {self.port} is not a TCP port (0..65535)")
         if self.which not in ("best", "last"):
@@ -415,8 +418,12 @@ def create_app(labeller: Labeller, store: LabelsStore, info: dict[str, Any]) -> 
 
 def build_app(config: ServeConfig) -> Starlette:
     """Load the decoders and the labels file for ``config`` (errors are one line)."""
+    import torch
+
     from stage2_decoder.export import load_models
 
+    if config.threads:
+        torch.set_num_threads(config.threads)
     models = load_models(config.cache, run=config.run, checkpoint=config.checkpoint,
                          which=config.which)  # fmt: skip
     labeller = Labeller(models)

@@ -1,8 +1,8 @@
 """`decoder serve` in a subprocess on 127.0.0.1 for end-to-end tests and the benchmark.
 
 ``serving(args)`` starts ``python -m stage2_decoder.cli serve --port 0 …``, reads the URL it
-prints, polls ``/api/info`` until it answers (bounded deadline) and always stops the process
-(SIGINT, then kill) when the ``with`` block ends.
+prints, polls ``/api/info`` until it answers (bounded deadline), yields ``Served(url, pid)``
+and always stops the process (SIGINT, then kill) when the ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +30,14 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+class Served(NamedTuple):
+    url: str  # http://127.0.0.1:PORT/
+    pid: int
+
+
 @contextmanager
-def serving(args: list[str], deadline_s: float = 180.0) -> Iterator[str]:
-    """The base URL (``http://127.0.0.1:PORT/``) of a running `decoder serve` with ``args``."""
+def serving(args: list[str], deadline_s: float = 180.0) -> Iterator[Served]:
+    """A running `decoder serve` with ``args``: its base URL and process id."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get(
         "PYTHONPATH", "")]), "COLUMNS": "200"}  # fmt: skip
     command = [sys.executable, "-m", "stage2_decoder.cli", "serve", "--port", "0", *args]
@@ -44,7 +50,7 @@ def serving(args: list[str], deadline_s: float = 180.0) -> Iterator[str]:
     try:
         url = _wait_for_url(lines, output, time.monotonic() + deadline_s)
         _wait_ready(url, process, output, time.monotonic() + deadline_s)
-        yield url
+        yield Served(url, process.pid)
     finally:
         _stop(process)
 

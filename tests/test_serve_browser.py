@@ -103,7 +103,8 @@ def test_click_accept_reload(browser, tmp_path, voc_sample_dir, tiny_checkpoint)
     shots = Path(os.environ.get("SAMCACHE_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     args = ["--cache", str(cache), "--run", str(tmp_path / "run"), "--labels", str(labels)]
-    with serving(args) as url:
+    with serving(args) as served:
+        url = served.url
         browser.get(url + "#id=000032")
         wait_for(browser, "document.body.dataset.ready === '1'", "the page to load")
         assert browser.find_element("id", "image-title").text == "000032"
