@@ -11,7 +11,8 @@ transpose, as the cache); each annotation a compressed RLE ``segmentation`` ``{"
 Edits are operations, never whole-file replacements from a client: ``add_object``,
 ``delete_object``, ``add_category``. Each runs under one lock, applies to the in-memory document
 and rewrites the file atomically (``shared.files.atomic_write``) before it returns, so two
-tabs saving at once both land and a crash or a closed tab loses nothing accepted. Other keys
+tabs saving at once both land and a crash or a closed tab loses nothing accepted. A second
+server on the same file is refused (a lock file beside it). Other keys
 of a file opened here (``info``, ``licenses``, annotations' extra keys) are kept as they are.
 """
 
@@ -20,12 +21,17 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from shared.files import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one server per labels file is on the user
+    fcntl = None  # type: ignore[assignment]
 
 DEFAULT_CATEGORY = "object"
 
@@ -73,25 +79,57 @@ def check_coco(document: Any, where: str) -> dict[str, Any]:
     return document
 
 
+def _read_coco(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LabelsFileError(
+            f"{path} is not a COCO instances JSON ({error}); pass another --labels"
+        ) from None
+    return check_coco(document, str(path))
+
+
+def _claim(path: Path) -> IO[bytes] | None:
+    """Hold an exclusive lock on ``<labels>.lock`` while this store lives (POSIX only).
+
+    Edits merge per operation inside one server; a second server on the same file would
+    overwrite the first one's accepts, so it is refused.
+    """
+    if fcntl is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.with_name(path.name + ".lock"), "ab")  # noqa: SIM115 - held open
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise LabelsFileError(
+            f"{path} is open in another `decoder serve`; stop it or pass another --labels"
+        ) from None
+    return handle
+
+
 class LabelsStore:
     """The COCO labels file, edited by operations under a lock and saved on each one."""
 
     def __init__(self, path: str | Path, categories: list[str] | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        if self.path.exists():
-            try:
-                document = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise LabelsFileError(
-                    f"{self.path} is not a COCO instances JSON ({error}); pass another --labels"
-                ) from None
-            self.doc = check_coco(document, str(self.path))
+        document = _read_coco(self.path) if self.path.exists() else None  # refuse non-COCO
+        self._owner = _claim(self.path)
+        if document is not None:
+            self.doc = document
             for name in categories or []:
                 self._category_id(name)
         else:
             self.doc = empty_document(categories or [])
             self._save()
+
+    def close(self) -> None:
+        """Release the lock file (the process exiting does the same)."""
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
 
     # ------------------------------------------------------------------ reading
 

@@ -292,6 +292,10 @@ def test_labels_keep_other_keys_and_grow(tmp_path):
     assert [i["id"] for i in saved["images"]] == [7, 8]
     assert [c["name"] for c in saved["categories"]] == ["cat", "dog"]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp file
+    with pytest.raises(LabelsFileError, match="open in another `decoder serve`"):
+        LabelsStore(path)  # a second server on the same file would lose the first one's accepts
+    store.close()
+    assert len(LabelsStore(path).objects("a.jpg")) == 1
 
 
 def test_embed_run_reads_the_labels(client, voc_sample_dir, tiny_checkpoint, tmp_path):
