@@ -138,3 +138,11 @@ def test_click_accept_reload(browser, tmp_path, voc_sample_dir, tiny_checkpoint)
         badge = browser.find_element("css selector", '#image-list li[data-id="000032"] .done')
         assert badge.text == "1 labelled"
         browser.save_screenshot(str(shots / "serve_reloaded.png"))
+
+        browser.find_element("tag name", "body").send_keys("j")  # keyboard: next image
+        wait_for(browser, "document.getElementById('image-title').textContent === '000033'",
+                 "the next image")  # fmt: skip
+        browser.find_element("id", "label-next").click()  # unlabelled, most unsure first
+        wait_for(browser, "document.getElementById('status').textContent.startsWith('label next')",
+                 "label next")  # fmt: skip
+        assert browser.find_element("id", "image-title").text != "000032"  # 000032 is labelled
