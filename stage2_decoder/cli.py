@@ -203,7 +203,7 @@ def train(
 def serve(
     cache: Annotated[str, typer.Option(help="Cache made by `embed run`.")],
     run: Annotated[
-        Path | None, typer.Option(help="Run folder of `decoder train` ; shown beside zero-shot.")
+        Path | None, typer.Option(help="Run folder of `decoder train` (shown beside zero-shot).")
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="The SAM checkpoint the cache was made with, if it moved.")
