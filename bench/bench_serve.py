@@ -1,6 +1,6 @@
 """Latency of `decoder serve` through its HTTP API: click → mask, both decoders, image switch.
 
-    PYTHONPATH=. python bench/bench_serve.py [--clicks 20] [--switches 10] [--threads 1,2]
+    PYTHONPATH=. python bench/bench_serve.py [--clicks 20] [--switches 10] [--threads 0,1]
 
 Builds a cache of the VOC sample in tests/data (tiny random encoder: the decoder is SAM's
 full-size prompt encoder + mask decoder whatever the encoder, 4.06 M parameters) and a run
@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--switches", type=int, default=10)
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--threads", default="0,1", help="comma-separated thread counts")
     run(parser.parse_args())
 
 

@@ -220,8 +220,8 @@ def serve(
     ),
     port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8765,
     threads: Annotated[
-        int, typer.Option(help="Torch threads per decoder call (0: torch's default; see README).")
-    ] = 1,
+        int, typer.Option(help="Torch threads per decoder call (0: torch's default).")
+    ] = 0,
 ) -> None:
     """A click-to-segment labelling page on the cached embeddings (no encoder)."""
     import socket

@@ -161,8 +161,7 @@ class Labeller:
     ) -> dict[str, list[Candidate]]:
         """The masks offered by each decoder (all by default) for one prompt.
 
-        Two decoders run at once, one Python thread each (torch releases the GIL in its ops):
-        with one torch thread per call (`decoder serve --threads 1`) they use two cores.
+        Two decoders run at once, one Python thread each (torch releases the GIL in its ops).
         """
         original, input_size = self.sizes(image_id)
         names = names or list(self.decoders)

@@ -73,7 +73,7 @@ class ServeConfig:
     classes: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8765
-    threads: int = 1
+    threads: int = 0  # torch threads per decoder call; 0: torch's default (the cores)
 
     def __post_init__(self) -> None:
         if self.threads < 0:
