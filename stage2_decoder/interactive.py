@@ -17,7 +17,8 @@ A prompt is in the original frame (``prompt_files.Prompt``: points XY with label
 XYXY) and is laid out as Meta's prompt encoder does. One point and no box is ambiguous: the
 three multimask outputs are offered, each with its predicted IoU; any other prompt gives the
 single-mask output (Meta's advice for ``SamPredictor``). Masks are upsampled to the original
-frame exactly as ``Sam.postprocess_masks`` (``shared.transforms.postprocess_low_res``), only
+frame exactly as ``Sam.postprocess_masks`` (``shared.transforms.postprocess_low_res``; here
+``upsample_cropped``, which skips the padding rows and columns with the same numbers), only
 the ones offered. No previous mask is fed back (``mask_input``): a prompt's masks depend on its
 clicks alone, so redoing or undoing a click is exact.
 
@@ -43,7 +44,7 @@ from pycocotools import mask as mask_utils
 
 from shared.cache_format import STATUS_OK
 from shared.cache_io import read_embeddings, read_manifest
-from shared.transforms import postprocess_low_res
+from shared.transforms import IMAGE_SIZE, TARGET_SIZE
 from stage2_decoder.amg import stability_score
 from stage2_decoder.export import Models
 from stage2_decoder.model import PromptableDecoder, _attend, _attention, _two_way_block
@@ -280,11 +281,32 @@ def candidates(
     indices = [1, 2, 3] if prompt.multimask else [0]
     chosen = low[indices]
     stable = stability_score(chosen, 0.0, STABILITY_OFFSET).nan_to_num(0.0)
-    masks = postprocess_low_res(chosen[None], input_size, original)[0] > 0
+    masks = upsample_cropped(chosen[None], input_size, original)[0] > 0
     return [
         Candidate(masks[k].numpy(), index, float(iou[index]), float(stable[k]))
         for k, index in enumerate(indices)
     ]
+
+
+def upsample_cropped(
+    low_res_logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """``postprocess_low_res`` (B, C, 256, 256) → (B, C, H, W), without the padding's work.
+
+    Meta upsamples the whole 256 frame to 1024×1024, then crops ``input_size``. Bilinear
+    upsampling by exactly 4 (align_corners False) reads source rows i0 = floor((y + 0.5) / 4 −
+    0.5) and i0 + 1, so the output rows y < input_h need source rows < ceil(input_h / 4) + 1:
+    upsampling only those (still by exactly 4) gives the same values, bit for bit.
+    """
+    factor = IMAGE_SIZE // TARGET_SIZE
+    rows = min(TARGET_SIZE, -(-input_size[0] // factor) + 1)
+    cols = min(TARGET_SIZE, -(-input_size[1] // factor) + 1)
+    masks = F.interpolate(
+        low_res_logits[..., :rows, :cols], (rows * factor, cols * factor), mode="bilinear",
+        align_corners=False,
+    )  # fmt: skip
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
 
 def decode_rle(counts: str, size: tuple[int, int]) -> np.ndarray:

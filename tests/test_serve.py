@@ -344,3 +344,16 @@ def test_cached_first_block_equals_forward(voc_cache, run_dir):
                 logits, iou = decode_low_res(model, state, prompt, original)
                 torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(iou, expected_iou[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("original", [(281, 500), (500, 281), (640, 640), (37, 1000), (1, 3)])
+def test_cropped_upsampling_equals_meta_postprocess(original):
+    import torch
+
+    from shared.transforms import postprocess_low_res, preprocess_shape
+    from stage2_decoder.interactive import upsample_cropped
+
+    low = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 4
+    input_size = preprocess_shape(original)
+    expected = postprocess_low_res(low, input_size, original)
+    assert torch.equal(upsample_cropped(low, input_size, original), expected)
