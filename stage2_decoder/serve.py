@@ -47,7 +47,7 @@ from stage2_decoder.visualize import read_image_rgb
 
 STATIC = Path(__file__).resolve().parent / "static"
 THUMB_SIDE = 160
-NEXT_BUDGET = 64  # images scored per /api/next call at most (the rest on later calls)
+NEXT_BUDGET = 16  # images newly scored per /api/next call at most (more on later calls)
 
 
 @dataclass(frozen=True)
