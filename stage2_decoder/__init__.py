@@ -22,5 +22,9 @@ Never builds the image encoder; meets stage 1 only through the cache format in `
 - ``amg``           automatic mask generation from the cached embedding (`decoder amg`)
 - ``export``        run loading; Meta-format, decoder-only and ONNX exports (`decoder export`)
 - ``visualize``     overlays, side-by-side panels, mIoU-vs-clicks plot
+- ``interactive``   clicks to masks on one cached image, uncertainty for "label next"
+- ``labels_store``  the COCO labels file of `decoder serve`, edited by locked operations
+- ``serve_io``      request parsing and mask/image encoding of `decoder serve`
+- ``serve``         the labelling page's Starlette app (`decoder serve`; page in ``static/``)
 - ``cli``           the `decoder` typer app
 """

@@ -200,6 +200,52 @@ def train(
     )
 
 
+@app.command()
+def serve(
+    cache: Annotated[str, typer.Option(help="Cache made by `embed run`.")],
+    run: Annotated[
+        Path | None, typer.Option(help="Run folder of `decoder train` (shown beside zero-shot).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="The SAM checkpoint the cache was made with, if it moved.")
+    ] = None,
+    which: Annotated[str, typer.Option(help="best or last checkpoint of --run.")] = "best",
+    labels: Annotated[
+        Path, typer.Option(help="COCO instances JSON the accepted objects go to (made if absent).")
+    ] = Path("labels.json"),
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated classes (default: the cache's classes).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8765,
+    threads: Annotated[
+        int, typer.Option(help="Torch threads per decoder call (0: torch's default).")
+    ] = 0,
+) -> None:
+    """A click-to-segment labelling page on the cached embeddings (no encoder)."""
+    import socket
+
+    import uvicorn
+
+    from stage2_decoder.serve import ServeConfig, build_app
+
+    with user_errors():
+        config = ServeConfig(
+            cache=cache, run=str(run) if run else None,
+            checkpoint=str(checkpoint) if checkpoint else None, which=which, labels=str(labels),
+            classes=tuple(c.strip() for c in (classes or "").split(",") if c.strip()),
+            host=host, port=port, threads=threads,
+        )  # fmt: skip
+        web_app = build_app(config)
+        sock = socket.create_server((host, port))  # port 0: the system picks a free one
+    url = f"http://{host}:{sock.getsockname()[1]}/"
+    Console().print(f"labels: {labels.resolve()}\nopen {url}  (Ctrl-C stops)", highlight=False)
+    server = uvicorn.Server(uvicorn.Config(web_app, log_level="warning"))
+    server.run(sockets=[sock])
+
+
 # Commands after training, defined in their own modules (registration only).
 from stage2_decoder.amg import amg_command  # noqa: E402
 from stage2_decoder.eval_report import eval_command  # noqa: E402
