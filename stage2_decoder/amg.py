@@ -294,7 +294,6 @@ def run_amg(
     (else the cache's zero-shot one); writes ``amg_<model>.json`` (COCO results: image_id,
     category_id 0, segmentation RLE, score = predicted IoU, bbox, area, stability_score,
     point_coords) and ``overlays/<image_id>.png``. Returns (results path, images, masks)."""
-    claim_output_folder(out, "decoder amg")
     models = load_models(cache, run=run, checkpoint=checkpoint, which=which, zero_shot=run is None)
     name, model = next(reversed(models.decoders.items()))
     torch_device = resolve_device(device)
@@ -306,6 +305,7 @@ def run_amg(
     if unknown:
         raise ids.unknown_error(unknown, "--images")
     names = {i: safe_relative(i) for i in resolved if i is not None}
+    claim_output_folder(out, "decoder amg")  # inputs checked: now the folder
     records = {r["image_id"]: r for r in table.to_pylist() if r["image_id"] in names}
     results, n_masks = [], 0
     for image_id, relative in names.items():

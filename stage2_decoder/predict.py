@@ -206,7 +206,6 @@ def _result_entry(prompt: Prompt, image_id: str, prediction: Prediction, k: int)
 
 def run_predict(config: PredictConfig) -> PredictSummary:
     """Predict, then write masks, overlays and COCO results under ``config.out``."""
-    claim_output_folder(config.out, "decoder predict")
     models = load_models(
         config.cache, run=config.run, checkpoint=config.checkpoint, which=config.which,
         zero_shot=config.compare or not config.run,
@@ -226,6 +225,7 @@ def run_predict(config: PredictConfig) -> PredictSummary:
     chosen = _select_images(config, ids, given)
     out = Path(config.out)
     names = {image_id: safe_relative(image_id) for image_id in chosen}  # refuse before writing
+    claim_output_folder(out, "decoder predict")  # inputs checked: now the folder
     records = {r["image_id"]: r for r in table.to_pylist() if r["image_id"] in names}
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in models.decoders}
     for image_id in chosen:
