@@ -118,6 +118,11 @@ def test_compaction_is_refused_under_the_lock_and_holds_it(tmp_path, tiny_checkp
 
     compact_cache(str(path), try_to_write)
     assert refused == ["switch"]
+    result = CliRunner().invoke(app, ["compact", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 manifest files -> 1, 0 superseded manifest rows dropped" in result.output
+    status = CliRunner().invoke(app, ["status", str(path)])
+    assert "2 free" in status.output and "`embed compact" not in status.output
 
 
 def test_a_reader_during_compaction_sees_old_or_new(tmp_path, tiny_checkpoint, monkeypatch):
