@@ -404,14 +404,25 @@ def read_manifest_all(location: Location, columns: list[str] | None = None) -> p
 
 
 def winning_rows(table: pa.Table) -> pa.Table:
-    """The row with the largest ``committed_ns`` per ``image_id``, sorted by ``image_id``."""
+    """The row with the largest ``committed_ns`` per ``image_id``, sorted by ``image_id``.
+
+    Only the two key columns are sorted; a manifest that already is one row per image in order
+    (a compacted one) is returned without copying its (large) ``objects`` column.
+    """
     if table.num_rows == 0:
         return table
-    table = table.sort_by([("image_id", "ascending"), ("committed_ns", "ascending")])
-    ids = table.column("image_id")
+    keys = table.select(["image_id", "committed_ns"])
+    order = pc.sort_indices(keys, [("image_id", "ascending"), ("committed_ns", "ascending")])
+    ids = pc.take(keys.column("image_id"), order)
     last_of_run = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
     keep = pa.concat_arrays([last_of_run.combine_chunks(), pa.array([True])])
-    return table.filter(keep)
+    chosen = pc.filter(order, keep)
+    if (
+        len(chosen) == table.num_rows
+        and pc.all(pc.equal(chosen, pa.array(np.arange(table.num_rows, dtype=np.uint64)))).as_py()
+    ):
+        return table
+    return table.take(chosen)
 
 
 def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
@@ -424,7 +435,9 @@ def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Ta
 def ok_rows(location: Location, columns: list[str] | None = None) -> pa.Table:
     """Winning rows whose status is ``ok`` (what stage 2 reads)."""
     table = read_manifest(location, None if columns is None else sorted({*columns, "status"}))
-    table = table.filter(pc.equal(table.column("status"), STATUS_OK))
+    is_ok = pc.equal(table.column("status"), STATUS_OK)
+    if not pc.all(is_ok).as_py():  # filtering copies every column: only when some row fails
+        table = table.filter(is_ok)
     return table if columns is None else table.select(columns)
 
 
