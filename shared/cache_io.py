@@ -153,18 +153,23 @@ def allocate_rows(cache: Cache, n_new: int) -> list[int]:
 
     The manifest decides, not the array's shape alone (a stale handle can revert a resize):
     rows that the last compaction freed and no manifest row uses come first, then rows after
-    both the array's end and the largest row any manifest row names. Rows of a killed run that
-    were never committed are not reused (a Dask task of that run may still be writing them);
-    `embed compact` frees them.
+    both the array's end and the largest row any manifest row names. Free rows handed out are
+    taken off the free list first, so rows of a killed run that were never committed are not
+    handed out again (a Dask task of that run may still be writing them); `embed compact`
+    frees them.
     """
     if n_new <= 0:
         return []
     state = read_manifest_state(cache.location)
     used = read_manifest_all(cache.location, ["row"]).column("row").to_numpy(zero_copy_only=False)
     in_use = set(used[used >= 0].tolist())
-    rows = [r for r in state.free_rows if r not in in_use][:n_new]
+    free = [r for r in state.free_rows if r not in in_use]
+    rows = free[:n_new]
+    if rows:  # off the free list before anything is written: never handed out twice
+        write_manifest_state(cache.location, replace(state, free_rows=tuple(free[n_new:])))
     array = cache.embeddings
-    start = max(array.shape[0], int(used.max()) + 1 if len(used) else 0)
+    named = int(used.max()) + 1 if len(used) else 0
+    start = max(array.shape[0], named, max(state.free_rows, default=-1) + 1)
     rows += range(start, start + n_new - len(rows))
     if max(rows) >= array.shape[0]:
         array.resize((max(rows) + 1, *EMBEDDING_SHAPE))

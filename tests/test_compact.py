@@ -96,8 +96,11 @@ def test_compaction_keeps_winners_bit_for_bit_and_frees_rows(tmp_path, tiny_chec
     assert (status.rows_free, status.reclaimable_rows, status.manifest_files) == (2, 0, 1)
     assert "`embed compact" not in format_status(status)
     assert allocate_rows(cache, 3) == [2, 7, 8]  # freed rows first, then after the end
+    assert read_manifest_state(cache.location).free_rows == ()  # handed out once only
+    assert allocate_rows(cache, 1) == [9]  # a killed run's rows are not handed out again
     again = compact_cache(str(path))
-    assert (again.rows_dropped, again.rows_freed, again.chunks_deleted) == (0, 1, 0)
+    assert (again.rows_dropped, again.rows_freed, again.chunks_deleted) == (0, 4, 0)
+    assert read_manifest_state(cache.location).free_rows == (2, 7, 8, 9)
 
 
 def test_compaction_is_refused_under_the_lock_and_holds_it(tmp_path, tiny_checkpoint) -> None:
