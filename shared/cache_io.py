@@ -192,18 +192,23 @@ def allocate_rows(cache: Cache, n_new: int) -> list[int]:
 
     The manifest decides, not the array's shape alone (a stale handle can revert a resize):
     rows that the last compaction freed and no manifest row uses come first, then rows after
-    both the array's end and the largest row any manifest row names. Rows of a killed run that
-    were never committed are not reused (a Dask task of that run may still be writing them);
-    `embed compact` frees them.
+    both the array's end and the largest row any manifest row names. Free rows handed out are
+    taken off the free list first, so rows of a killed run that were never committed are not
+    handed out again (a Dask task of that run may still be writing them); `embed compact`
+    frees them.
     """
     if n_new <= 0:
         return []
     state = read_manifest_state(cache.location)
     used = read_manifest_all(cache.location, ["row"]).column("row").to_numpy(zero_copy_only=False)
     in_use = set(used[used >= 0].tolist())
-    rows = [r for r in state.free_rows if r not in in_use][:n_new]
+    free = [r for r in state.free_rows if r not in in_use]
+    rows = free[:n_new]
+    if rows:  # off the free list before anything is written: never handed out twice
+        write_manifest_state(cache.location, replace(state, free_rows=tuple(free[n_new:])))
     array = cache.embeddings
-    start = max(array.shape[0], int(used.max()) + 1 if len(used) else 0)
+    named = int(used.max()) + 1 if len(used) else 0
+    start = max(array.shape[0], named, max(state.free_rows, default=-1) + 1)
     rows += range(start, start + n_new - len(rows))
     if max(rows) >= array.shape[0]:
         array.resize((max(rows) + 1, *EMBEDDING_SHAPE))
@@ -580,14 +585,25 @@ def read_manifest_all(location: Location, columns: list[str] | None = None) -> p
 
 
 def winning_rows(table: pa.Table) -> pa.Table:
-    """The row with the largest ``committed_ns`` per ``image_id``, sorted by ``image_id``."""
+    """The row with the largest ``committed_ns`` per ``image_id``, sorted by ``image_id``.
+
+    Only the two key columns are sorted; a manifest that already is one row per image in order
+    (a compacted one) is returned without copying its (large) ``objects`` column.
+    """
     if table.num_rows == 0:
         return table
-    table = table.sort_by([("image_id", "ascending"), ("committed_ns", "ascending")])
-    ids = table.column("image_id")
+    keys = table.select(["image_id", "committed_ns"])
+    order = pc.sort_indices(keys, [("image_id", "ascending"), ("committed_ns", "ascending")])
+    ids = pc.take(keys.column("image_id"), order)
     last_of_run = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
     keep = pa.concat_arrays([last_of_run.combine_chunks(), pa.array([True])])
-    return table.filter(keep)
+    chosen = pc.filter(order, keep)
+    if (
+        len(chosen) == table.num_rows
+        and pc.all(pc.equal(chosen, pa.array(np.arange(table.num_rows, dtype=np.uint64)))).as_py()
+    ):
+        return table
+    return table.take(chosen)
 
 
 def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Table:
@@ -600,7 +616,9 @@ def read_manifest(location: Location, columns: list[str] | None = None) -> pa.Ta
 def ok_rows(location: Location, columns: list[str] | None = None) -> pa.Table:
     """Winning rows whose status is ``ok`` (what stage 2 reads)."""
     table = read_manifest(location, None if columns is None else sorted({*columns, "status"}))
-    table = table.filter(pc.equal(table.column("status"), STATUS_OK))
+    is_ok = pc.equal(table.column("status"), STATUS_OK)
+    if not pc.all(is_ok).as_py():  # filtering copies every column: only when some row fails
+        table = table.filter(is_ok)
     return table if columns is None else table.select(columns)
 
 

@@ -96,8 +96,11 @@ def test_compaction_keeps_winners_bit_for_bit_and_frees_rows(tmp_path, tiny_chec
     assert (status.rows_free, status.reclaimable_rows, status.manifest_files) == (2, 0, 1)
     assert "`embed compact" not in format_status(status)
     assert allocate_rows(cache, 3) == [2, 7, 8]  # freed rows first, then after the end
+    assert read_manifest_state(cache.location).free_rows == ()  # handed out once only
+    assert allocate_rows(cache, 1) == [9]  # a killed run's rows are not handed out again
     again = compact_cache(str(path))
-    assert (again.rows_dropped, again.rows_freed, again.chunks_deleted) == (0, 1, 0)
+    assert (again.rows_dropped, again.rows_freed, again.chunks_deleted) == (0, 4, 0)
+    assert read_manifest_state(cache.location).free_rows == (2, 7, 8, 9)
 
 
 def test_compaction_is_refused_under_the_lock_and_holds_it(tmp_path, tiny_checkpoint) -> None:
@@ -118,6 +121,11 @@ def test_compaction_is_refused_under_the_lock_and_holds_it(tmp_path, tiny_checkp
 
     compact_cache(str(path), try_to_write)
     assert refused == ["switch"]
+    result = CliRunner().invoke(app, ["compact", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 manifest files -> 1, 0 superseded manifest rows dropped" in result.output
+    status = CliRunner().invoke(app, ["status", str(path)])
+    assert "2 free" in status.output and "`embed compact" not in status.output
 
 
 def test_a_reader_during_compaction_sees_old_or_new(tmp_path, tiny_checkpoint, monkeypatch):
