@@ -6,7 +6,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from shared.cache_format import STATUS_FAILED, STATUS_OK
-from shared.cache_io import manifest_files, open_cache, read_manifest, read_manifest_all
+from shared.cache_io import (
+    chunk_problem,
+    manifest_files,
+    open_cache,
+    read_manifest,
+    read_manifest_all,
+)
 from shared.storage import parse_location
 
 
@@ -28,6 +34,7 @@ class CacheStatus:
     failures: list[tuple[str, str]] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)  # files in manifest/ that readers ignore
     unverified: int = 0  # ok rows without an embedding checksum (written before checksums)
+    bad_chunks: list[str] = field(default_factory=list)  # ok images whose chunk is missing/torn
 
     @property
     def unused_rows(self) -> int:
@@ -37,7 +44,7 @@ class CacheStatus:
 def cache_status(target: str) -> CacheStatus:
     location = parse_location(target)
     cache = open_cache(location)
-    columns = ["image_id", "status", "error", "n_objects", "has_masks", "split",
+    columns = ["image_id", "status", "error", "n_objects", "has_masks", "split", "row",
                "embedding_checksum"]  # fmt: skip
     winners = read_manifest(location, columns).to_pylist()
     all_rows = read_manifest_all(location, ["image_id"]).num_rows
@@ -60,7 +67,19 @@ def cache_status(target: str) -> CacheStatus:
         failures=[(r["image_id"], r["error"] or "") for r in winners if r["status"] != STATUS_OK],
         stray=manifest_files(location)[1],
         unverified=sum(not r["embedding_checksum"] for r in ok_rows),
+        bad_chunks=_bad_chunks(cache, ok_rows) if location.is_local else [],
     )
+
+
+def _bad_chunks(cache, rows: list[dict]) -> list[str]:  # noqa: ANN001 - Cache
+    """Ok images whose chunk file is missing or of the wrong size (cheap: no data read; the
+    checksums are `embed verify`'s)."""
+    n_rows = int(cache.embeddings.shape[0])
+    return [
+        r["image_id"]
+        for r in rows
+        if not 0 <= int(r["row"]) < n_rows or chunk_problem(cache, int(r["row"])) is not None
+    ]
 
 
 def _size(n: float) -> str:
@@ -86,6 +105,10 @@ def format_status(status: CacheStatus, max_failures: int = 20) -> str:
         f"splits: {splits}",
         f"on disk      {_size(status.bytes_on_disk)} ({_size(per_image)} per ok image)",
     ]
+    if status.bad_chunks:
+        shown = ", ".join(status.bad_chunks[:5]) + (" …" if len(status.bad_chunks) > 5 else "")
+        lines.append(f"damage       {len(status.bad_chunks)} ok images have a missing or torn "
+                     f"embedding chunk ({shown}): run `embed verify {status.cache}`")  # fmt: skip
     if status.unverified:
         lines.append(f"checksums    {status.unverified} ok images have none (written before "
                      "checksums): their embeddings are read unverified")  # fmt: skip
