@@ -6,6 +6,7 @@
 - ``annotations`` masks → objects (RLE in the original and 256 target frames), void regions
 - ``encoder``     the batched image encoder (bf16 on CPUs that have it, SDPA attention)
 - ``pipeline``    plan (what is done, what is left), run batches locally or on Dask, commit
+- ``verify``      check every row of a cache (chunks, checksums, shared rows, stray files)
 - ``synthetic``   a synthetic VOC-layout dataset for the demo, tests and benchmarks
-- ``cli``         the `embed` typer app: run, status, demo-data
+- ``cli``         the `embed` typer app: run, status, verify, demo-data
 """
