@@ -293,7 +293,7 @@ CHECKSUM_ALGOS = tuple(_CHECKSUMS)  # the algorithms this samcache can verify
 def embedding_checksum(embedding: np.ndarray, algo: str = CHECKSUM_ALGO) -> str:
     """``"<algo>:<hex>"`` of the row's bytes in C order (``embedding`` in storage dtype)."""
     data = np.ascontiguousarray(embedding)
-    return f"{algo}:{_CHECKSUMS[algo](memoryview(data).cast('B')):x}"
+    return f"{algo}:{_CHECKSUMS[algo](data.data.cast('B')):x}"
 
 
 def row_checksum_problem(embedding: np.ndarray, expected: str | None) -> str | None:

@@ -9,6 +9,7 @@
 - ``relabel``     new objects on an existing embedding row (`embed run`, `embed labels`)
 - ``compact``     `embed compact`: one manifest file, superseded rows dropped, rows freed
 - ``status``      `embed status`: counts, failures, kinds of rows, when compaction pays
+- ``verify``      check every row of a cache (chunks, checksums, shared rows, stray files)
 - ``synthetic``   a synthetic VOC-layout dataset for the demo, tests and benchmarks
-- ``cli``         the `embed` typer app: run, labels, compact, status, demo-data
+- ``cli``         the `embed` typer app: run, labels, compact, status, verify, demo-data
 """

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from shared.cache_format import STATUS_FAILED, STATUS_OK
 from shared.cache_io import (
+    chunk_problem,
     live_manifest_files,
     manifest_files,
     manifest_names,
@@ -53,6 +54,7 @@ class CacheStatus:
     row_bytes: int = 0
     stray: list[str] = field(default_factory=list)  # files in manifest/ that readers ignore
     unverified: int = 0  # ok rows without an embedding checksum (written before checksums)
+    bad_chunks: list[str] = field(default_factory=list)  # ok images whose chunk is missing/torn
 
     @property
     def unused_rows(self) -> int:
@@ -109,7 +111,21 @@ def cache_status(target: str) -> CacheStatus:
         row_bytes=int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize,
         stray=manifest_files(location)[1],
         unverified=pc.sum(pc.invert(pc.is_valid(ok.column("embedding_checksum")))).as_py() or 0,
+        bad_chunks=_bad_chunks(cache, ok.select(["image_id", "row"]).to_pylist())
+        if location.is_local
+        else [],
     )
+
+
+def _bad_chunks(cache, rows: list[dict]) -> list[str]:  # noqa: ANN001 - Cache
+    """Ok images whose chunk file is missing or of the wrong size (cheap: no data read; the
+    checksums are `embed verify`'s)."""
+    n_rows = int(cache.embeddings.shape[0])
+    return [
+        r["image_id"]
+        for r in rows
+        if not 0 <= int(r["row"]) < n_rows or chunk_problem(cache, int(r["row"])) is not None
+    ]
 
 
 def _size(n: float) -> str:
@@ -142,6 +158,10 @@ def format_status(status: CacheStatus, max_failures: int = 20) -> str:
             f"rows (up to {_size(status.reclaimable_rows * status.row_bytes)}) and merge "
             f"{status.manifest_files} manifest files into 1"
         )
+    if status.bad_chunks:
+        shown = ", ".join(status.bad_chunks[:5]) + (" …" if len(status.bad_chunks) > 5 else "")
+        lines.append(f"damage       {len(status.bad_chunks)} ok images have a missing or torn "
+                     f"embedding chunk ({shown}): run `embed verify {status.cache}`")  # fmt: skip
     if status.unverified:
         lines.append(f"checksums    {status.unverified} ok images have none (written before "
                      "checksums): their embeddings are read unverified")  # fmt: skip

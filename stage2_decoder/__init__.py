@@ -14,6 +14,7 @@ Never builds the image encoder; meets stage 1 only through the cache format in `
 - ``train``         the training loop (lr, eval, checkpoint, forward/backward, step, log)
 - ``validate``      validation loss and mIoU (1 click, box) at the original resolution
 - ``checkpoints``   atomic checkpoints, RNG state, metrics.jsonl sink
+- ``guards``        run-folder lock, half-written caches, export never over an input
 - ``plots``         training curves PNG
 - ``evaluate``      click and box protocols, per-object results (`decoder eval`)
 - ``eval_report``   metrics.json, CSV, Markdown table and plot of an evaluation

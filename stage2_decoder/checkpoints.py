@@ -14,7 +14,8 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads 
   (``TrainConfig.to_dict``), ``cache`` (model_type, checkpoint_sha256, checkpoint_name),
   ``world_size`` (processes that trained it; any number may resume it).
 
-Only rank 0 of a distributed run writes these files.
+Only rank 0 of a distributed run writes these files, while holding ``train.lock`` (one
+``decoder train`` per run folder; the file stays, the ``flock`` goes with its process).
 
 Writes are atomic: a temp file in the same folder, fsync, ``os.replace``, fsync of the folder.
 """

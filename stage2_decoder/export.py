@@ -32,6 +32,7 @@ from shared.cache_format import CacheAttrs, check_same_model
 from shared.cache_io import Cache, open_cache
 from shared.sam_models import build_prompt_and_mask_decoder, load_state_dict
 from stage2_decoder import checkpoints as ck
+from stage2_decoder.guards import check_export_out, export_inputs, same_file
 from stage2_decoder.model import PromptableDecoder, build_meta_modules
 from stage2_decoder.setup import find_sam_checkpoint
 
@@ -181,7 +182,7 @@ def export_sam_checkpoint(
         tensors = {k: v for k, v in weights.items() if k.startswith("mask_decoder.")}
     else:
         source = _original_checkpoint(state, checkpoint, cache, run)
-        if _same_file(Path(out), source):
+        if same_file(Path(out), source):
             raise ValueError(f"--out {out} is the SAM checkpoint {source} it is made from")
         original = load_state_dict(source)
         tensors = merged_sam_state_dict(original, weights)
@@ -347,60 +348,6 @@ def check_onnx(
                     raise RuntimeError(f"ONNX output is {a.shape}, torch gives {tuple(b.shape)}")
                 worst = max(worst, float((torch.from_numpy(a) - b).abs().max()))
     return worst
-
-
-# --------------------------------------------------------------------------- the output file
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return a.expanduser().resolve() == b.expanduser().resolve()
-
-
-def export_inputs(
-    run: str | Path, state: dict[str, Any], checkpoint: str | None, cache: str | None
-) -> tuple[list[Path], list[Path]]:
-    """(files, folders) an export reads or that the run and its cache need: the run's
-    checkpoints, config and metrics; the SAM checkpoint (given, in the run's config, recorded by
-    the cache); the cache itself. An export never writes over (or into) any of them."""
-    run = Path(run)
-    files = [run / ck.LAST, run / ck.BEST, run / ck.CONFIG, run / ck.METRICS]
-    config = state.get("config") or {}
-    files += [Path(p) for p in (checkpoint, config.get("checkpoint")) if p]
-    folders = []
-    for cache_path in (cache, config.get("cache")):
-        if not cache_path or "://" in str(cache_path):
-            continue
-        folders.append(Path(cache_path))
-        try:
-            recorded = open_cache(cache_path).attrs.checkpoint_path
-        except (OSError, ValueError):
-            continue
-        if recorded:
-            files.append(Path(recorded))
-    return files, folders
-
-
-def check_export_out(out: Path, files: list[Path], folders: list[Path], *, overwrite: bool) -> None:
-    """Refuse an ``out`` that is an input (even with ``overwrite``) or lies inside the cache;
-    an existing file is replaced only with ``overwrite``."""
-    for path in files:
-        if _same_file(out, path):
-            raise ValueError(
-                f"--out {out} is {path}, an input of this export or of the run (the run's "
-                "checkpoints, the SAM checkpoint of its cache): choose another --out"
-            )
-    resolved = out.expanduser().resolve()
-    for folder in folders:
-        root = folder.expanduser().resolve()
-        if resolved == root or root in resolved.parents:
-            raise ValueError(f"--out {out} is inside the cache {folder}: choose another --out")
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"--out {out} exists; pass --overwrite to replace it, or choose another --out"
-        )
 
 
 # --------------------------------------------------------------------------- command

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from shared.cache_format import LOCK_NAME, CacheAttrs, check_same_model
-from shared.cache_io import Cache, ok_rows, open_cache
+from shared.cache_format import CacheAttrs, check_same_model
+from shared.cache_io import open_cache
 from shared.checkpoint_files import resolve_checkpoint
 from shared.hashing import file_sha256
 from shared.output_folders import claim_output_folder
@@ -38,10 +38,10 @@ from shared.sam_models import (
     detect_model_type,
     load_state_dict,
 )
-from shared.storage import CacheLock, parse_location
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.config import ConfigError, TrainConfig, merge_resumed
 from stage2_decoder.dataset import Split, load_split
+from stage2_decoder.guards import check_cache_finished
 from stage2_decoder.model import PromptableDecoder
 from stage2_decoder.schedule import default_warmup
 
@@ -383,50 +383,6 @@ def setup_run(
         ck.MetricSink(run.out / ck.METRICS).truncate_after(run.start_step)
         ck.write_json(run.out / ck.CONFIG, config.to_dict())
     return run
-
-
-def check_cache_finished(cache: Cache, allow_partial: bool, warn: Callable[[str], None]) -> None:
-    """Refuse (or, with ``allow_partial``, warn about) a cache an `embed run` is still writing:
-    training would see only the images committed so far."""
-    holder = CacheLock(cache.location, LOCK_NAME).holder()
-    if holder is None:
-        return
-    committed = ok_rows(cache.location, ["image_id"]).num_rows
-    text = (
-        f"{cache.name} is being written by an `embed run` ({holder}); {committed} images are "
-        "committed so far, the others are pending"
-    )
-    if not allow_partial:
-        raise ConfigError(
-            f"{text}. Wait for it to finish, or pass --allow-partial-cache to train on those "
-            f"{committed}"
-        )
-    warn(f"{text}: training on those {committed} (--allow-partial-cache)")
-
-
-@contextmanager
-def run_folder_lock(out: Path, dist: Distributed) -> Iterator[None]:
-    """One `decoder train` per run folder: rank 0 holds ``train.lock`` in ``out`` for the whole
-    run (flock: released by the OS if the process dies); a second train or ``--resume`` of a
-    run that is still training is refused on every rank."""
-    held: list[CacheLock] = []
-
-    def take() -> None:
-        # Never clobber a user's folder: only a new, empty or own run folder (one that holds
-        # our last.pt is ours, also from before the marker existed).
-        claim_output_folder(out, "decoder train", adopt=(out / ck.LAST).is_file())
-        lock = CacheLock(
-            parse_location(out), ck.TRAIN_LOCK, writer="`decoder train`",
-            hint="Wait for it to finish (or stop it), then --resume it; or choose another --out.",
-        )  # fmt: skip
-        held.append(lock.__enter__())
-
-    dist.from_main(take)
-    try:
-        yield
-    finally:
-        for lock in held:
-            lock.release()
 
 
 def _restore(run: Run, state: dict[str, Any], warn: Callable[[str], None]) -> None:

@@ -45,9 +45,10 @@ from torch.utils.data import DataLoader
 from stage2_decoder import checkpoints as ck
 from stage2_decoder.config import TrainConfig
 from stage2_decoder.dataset import STREAM_PROMPTS, TrainBatches, ValBatches, derive_seed
+from stage2_decoder.guards import run_folder_lock
 from stage2_decoder.plots import CURVES, plot_curves
 from stage2_decoder.schedule import lr_at
-from stage2_decoder.setup import Distributed, Run, average_gradients, run_folder_lock, setup_run
+from stage2_decoder.setup import Distributed, Run, average_gradients, setup_run
 from stage2_decoder.step import StepSettings, interactive_step
 from stage2_decoder.validate import ValResult, validate
 

@@ -130,6 +130,8 @@ def test_verify_finds_every_kind_of_damage(small_cache: Path) -> None:
     _chunk(small_cache, records[1]["row"]).unlink()
     chunk = _chunk(small_cache, records[2]["row"])
     chunk.write_bytes(chunk.read_bytes()[:1000])
+    status = runner.invoke(embed_app, ["status", str(small_cache)])
+    assert status.exit_code == 0 and "2 ok images have a missing or torn" in status.output
     result = runner.invoke(embed_app, ["verify", str(small_cache)])
     assert result.exit_code == 1, result.output
     out = result.output

@@ -86,7 +86,8 @@ def test_decoder_only(voc_run, tmp_path) -> None:
     torch.save(state, tmp_path / "best.pt")
     (tmp_path / "run2").mkdir()
     (tmp_path / "best.pt").rename(tmp_path / "run2" / "best.pt")
-    result = export("--run", str(tmp_path / "run2"), "--out", str(out), "--decoder-only")
+    other = tmp_path / "decoder2.pth"  # `out` exists: it would need --overwrite
+    result = export("--run", str(tmp_path / "run2"), "--out", str(other), "--decoder-only")
     assert result.exit_code == 2 and "also trained the prompt encoder" in result.output
 
 
