@@ -73,6 +73,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("ignore_target_rle", pa.string()),
         ("precision", pa.string()),
         ("committed_ns", pa.int64()),
+        ("coco_image_id", pa.int64()),  # the COCO file's image id (source coco), else null
     ]
 )
 

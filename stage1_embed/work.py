@@ -184,6 +184,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "ignore_rle": ann.ignore_rle if (ok and ann is not None) else None,
         "ignore_target_rle": ann.ignore_target_rle if (ok and ann is not None) else None,
         "precision": precision,
+        "coco_image_id": source.coco.coco_image_id if source.coco is not None else None,
     }
 
 

@@ -47,6 +47,7 @@ from stage2_decoder.amg_pieces import (
     resize_matrices,
     stability_score,
 )
+from stage2_decoder.coco_ids import GROUND_TRUTH, coco_image_ids, ground_truth_coco
 from stage2_decoder.export import Models, load_models
 from stage2_decoder.grid_decoder import transform_points
 from stage2_decoder.model import LABEL_PAD, LABEL_POS, PromptableDecoder
@@ -330,7 +331,8 @@ def run_amg(
     """Everything-mode masks of ``images`` (default: all) with the fine-tuned decoder of ``run``
     (else the cache's zero-shot one); writes ``amg_<model>.json`` (COCO results: image_id,
     category_id 0, segmentation RLE, score = predicted IoU, bbox, area, stability_score,
-    point_coords) and ``overlays/<image_id>.png``. ``progress(points done, points in all)``.
+    point_coords; image_id the integer id of `coco_image_ids`), ``gt_coco.json`` when the images
+    have masks, and ``overlays/<image_id>.png``. ``progress(points done, points in all)``.
     Returns (results path, images, what was kept and dropped over all images)."""
     models = load_models(cache, run=run, checkpoint=checkpoint, which=which, zero_shot=run is None)
     name, model = next(reversed(models.decoders.items()))
@@ -343,7 +345,9 @@ def run_amg(
     if unknown:
         raise ids.unknown_error(unknown, "--images")
     names = {i: safe_relative(i) for i in resolved if i is not None}
-    records = {r["image_id"]: r for r in table.to_pylist() if r["image_id"] in names}
+    rows = table.to_pylist()
+    records = {r["image_id"]: r for r in rows if r["image_id"] in names}
+    coco_ids = coco_image_ids(rows)
     results, total = [], AmgStats()
     per_image = config.points_per_side**2
 
@@ -355,14 +359,18 @@ def run_amg(
         done_here = partial(done, offset=k * per_image)
         found, stats = _one_image(models, model, records[image_id], config, torch_device, done_here)
         total.add(stats)
+        coco_id = coco_ids[image_id]
         for r in found:
             results.append(
-                {"image_id": image_id, "category_id": 0, "score": r["predicted_iou"], **r}
+                {"image_id": coco_id, "category_id": 0, "score": r["predicted_iou"], **r}
             )
         if overlays:
             _write_overlay(Path(out) / "overlays" / f"{relative}.png", records[image_id], found,
                            f"{name.replace('_', '-')}: {_title_count(stats, config)}")  # fmt: skip
     path = ck.write_json(Path(out) / f"amg_{name}.json", results)
+    annotated = [records[i] for i in names if records[i]["has_masks"]]
+    if annotated:  # class-agnostic results: evaluate with COCOeval params.useCats = 0
+        ck.write_json(Path(out) / GROUND_TRUTH, ground_truth_coco(annotated, coco_ids))
     return path, len(names), total
 
 

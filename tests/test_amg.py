@@ -220,7 +220,7 @@ def test_amg_cli(one_image_cache, tmp_path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     entries = json.loads((out / "amg_zero_shot.json").read_text())
-    assert len(entries) == 1 and entries[0]["image_id"] == "000032"
+    assert len(entries) == 1 and entries[0]["image_id"] == 32  # integer, as COCO tools expect
     assert set(entries[0]) >= {"segmentation", "bbox", "area", "score", "stability_score"}
     assert Image.open(out / "overlays" / "000032.png").size[0] == 500
     result = runner.invoke(app, [*args, "--crop-n-layers", "1"])
