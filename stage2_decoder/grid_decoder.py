@@ -37,7 +37,8 @@ def transform_points(
     """
     decoder = model.mask_decoder
     transformer = decoder.transformer
-    keys = model.embed_tokens(image_embedding, torch.zeros(1, dtype=torch.int64), None, None)
+    index = torch.zeros(1, dtype=torch.int64, device=image_embedding.device)
+    keys = model.embed_tokens(image_embedding, index, None, None)
     key_pe = model.dense_pe_tokens(keys.dtype)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
