@@ -18,7 +18,9 @@ encoder (fp32). Cases, each in its own child process (so that its peak RSS is it
     PYTHONPATH=. python bench/bench_amg.py [--points-per-side 32] [--threads 2]
         [--old-points 64] [--old-rev 1009451] [--cases tiny,tiny-all,vit_b,old]
 
-Numbers vary with the load on the machine: compare the ratio measured in one run.
+Numbers vary with the load on the machine: compare the ratio measured in one run. CPU time
+(all threads of the case's process) is printed too: with ``--threads 1`` on a loaded machine it
+is close to what the wall time would be on an idle core.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def run_case(args: tuple) -> dict:
     config = amg.AmgConfig(points_per_side=side)
     if case == "tiny-all":
         config = amg.AmgConfig(points_per_side=side, pred_iou_thresh=0, stability_score_thresh=0)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     n_points = side * side
     if case in ("old", "new-subset"):
         height, width = sizes[1]
@@ -112,9 +114,10 @@ def run_case(args: tuple) -> dict:
         n_points, masks = len(points), None
     else:
         masks = len(amg.find_masks(model, embedding, *sizes, config)[0])
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "seconds": seconds, "points": n_points, "masks": masks, "rss": rss}
+    return {"case": case, "seconds": seconds, "cpu": cpu, "points": n_points, "masks": masks,
+            "rss": rss}  # fmt: skip
 
 
 def main() -> None:
@@ -141,7 +144,7 @@ def main() -> None:
             print(
                 f"{case:10s} {result['seconds']:7.1f} s for {result['points']} points "
                 f"({1000 * result['seconds'] / result['points']:.0f} ms/point{masks}), "
-                f"peak RSS {result['rss']:.0f} MiB",
+                f"CPU {result['cpu']:.1f} s, peak RSS {result['rss']:.0f} MiB",
                 flush=True,
             )
     full = side * side
@@ -149,8 +152,9 @@ def main() -> None:
         old, new = results["old"], results["new-subset"]
         print(
             f"old code on the first {old['points']} points: {old['seconds']:.1f} s, today's "
-            f"{new['seconds']:.1f} s: {old['seconds'] / new['seconds']:.1f}x faster; old "
-            f"scaled to {full} points: {old['seconds'] * full / old['points']:.0f} s"
+            f"{new['seconds']:.1f} s: {old['seconds'] / new['seconds']:.1f}x faster (CPU time "
+            f"{old['cpu'] / new['cpu']:.1f}x); old scaled to {full} points: "
+            f"{old['seconds'] * full / old['points']:.0f} s"
         )
     if "tiny" in results:
         print(f"one {side}x{side} grid, tiny model, defaults: {results['tiny']['seconds']:.1f} s")
