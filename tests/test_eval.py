@@ -168,7 +168,9 @@ def test_split_from_the_run_when_the_manifest_has_none(tmp_path, tiny_checkpoint
     # the box protocol draws no click curve: the summary line lists only the files written
     assert "report.md" in result.output and "miou_vs_clicks" not in result.output
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
-        "metrics.json", "objects.csv", "report.md"
+        "metrics.json",
+        "objects.csv",
+        "report.md",
     ]
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["n_objects"] == 1 and "the run's val images" in metrics["selection"]
