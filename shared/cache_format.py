@@ -89,6 +89,7 @@ MANIFEST_SCHEMA = pa.schema(
         # format 2; null in version-1 fragments (pyarrow fills a missing column with nulls)
         ("exif_orientation", pa.int32()),  # EXIF orientation applied (1..8); null: unknown
         ("embedding_checksum", pa.string()),  # "<algo>:<hex>" of the row's bytes; null: unverified
+        ("coco_image_id", pa.int64()),  # the COCO file's image id (source coco), else null
     ]
 )
 

@@ -195,6 +195,7 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "precision": precision,
         "exif_orientation": prepared.exif_orientation,
         "embedding_checksum": prepared.checksum if ok else None,
+        "coco_image_id": source.coco.coco_image_id if source.coco is not None else None,
     }
 
 

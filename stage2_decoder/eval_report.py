@@ -9,7 +9,7 @@ Files written into ``--out``:
   per model the box IoU, IoU after each reported click count, NoC per threshold and the number
   of clicks evaluated.
 - ``report.md``: the table zero-shot | fine-tuned | difference (also printed with rich).
-- ``miou_vs_clicks.png``: mIoU vs clicks for both models, box mIoU dashed.
+- ``miou_vs_clicks.png``: mIoU vs clicks for both models, box mIoU dashed (clicks protocol only).
 
 All files are written atomically.
 """
@@ -61,6 +61,7 @@ class EvalReport:
     skipped: int
     seconds: float = 0.0
     curves: dict[str, list[float]] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # files `write_reports` wrote
 
     @property
     def models(self) -> list[str]:
@@ -177,7 +178,10 @@ def _csv_text(report: EvalReport) -> str:
 
 
 def write_reports(report: EvalReport, out: str | Path) -> list[Path]:
-    """Write the four files into ``out`` (created); returns their paths."""
+    """Write the reports into ``out`` (created); returns the paths written.
+
+    ``miou_vs_clicks.png`` only when the clicks protocol ran (there is no curve otherwise).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_text, md_text = _csv_text(report), markdown(report)
@@ -231,7 +235,7 @@ def run_eval(config: EvalConfig, progress: Callable[[int, int], None] | None = N
         curves=curves(results, names, config.max_clicks),
     )
     report.seconds = time.perf_counter() - started
-    write_reports(report, config.out)
+    report.written = write_reports(report, config.out)
     return report
 
 
@@ -300,5 +304,5 @@ def eval_command(
         )  # fmt: skip
         report = run_eval(config, lambda done, total: bar.update(task, completed=done, total=total))
     Console().print(rich_table(report))
-    files = f"{METRICS}, {OBJECTS}, {REPORT}, {PLOT}"
+    files = ", ".join(path.name for path in report.written)
     Console().print(f"wrote {out}/ ({files}) in {report.seconds:.1f} s", highlight=False)

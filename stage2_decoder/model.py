@@ -213,15 +213,34 @@ class PromptableDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta's `MaskDecoder.predict_masks` on token-major inputs.
 
-        src (B, h·w, 256): image + dense prompt embedding per object (`embed_tokens`).
-        sparse (B, N, 256): `embed_points`. Returns (B, 4, 4h, 4w) logits and (B, 4) IoUs.
+        src (B, h·w, 256): image + dense prompt embedding per object (`embed_tokens`), or
+        (1, h·w, 256) shared by all B prompts of one image. sparse (B, N, 256): `embed_points`.
+        Returns (B, 4, 4h, 4w) logits and (B, 4) IoUs.
+        """
+        hs, keys = self.transform_tokens(src, sparse)
+        return self.mask_logits(hs, keys), self.iou_predictions(hs)
+
+    def transform_tokens(
+        self, src: torch.Tensor, sparse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer of `decode_tokens`: (tokens (B, 5 + N, 256), keys (B, h·w, 256)).
+
+        With src of batch 1 (one image, no mask prompt) the first layer's image-side
+        projections broadcast over the B prompts: computed once instead of B times.
         """
         decoder = self.mask_decoder
-        batch = src.shape[0]
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         tokens = torch.cat((output_tokens, sparse.to(output_tokens.dtype)), dim=1)
-        hs, keys = self._transformer(src, self.dense_pe_tokens(src.dtype), tokens)
+        return self._transformer(src, self.dense_pe_tokens(src.dtype), tokens)
+
+    def iou_predictions(self, hs: torch.Tensor) -> torch.Tensor:
+        """(B, 4) predicted IoUs from the transformer's output tokens (`transform_tokens`)."""
+        return self.mask_decoder.iou_prediction_head(hs[:, 0, :])
+
+    def mask_logits(self, hs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, 4, 4h, 4w) low-res logits from the transformer's outputs (`transform_tokens`)."""
+        decoder = self.mask_decoder
         mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
         hyper_in = torch.stack(
             [
@@ -230,8 +249,7 @@ class PromptableDecoder(nn.Module):
             ],
             dim=1,
         )  # (B, 4, 32)
-        low_res_logits = self._upscaled_logits(keys, hyper_in)
-        return low_res_logits, decoder.iou_prediction_head(hs[:, 0, :])
+        return self._upscaled_logits(keys, hyper_in)
 
     def _transformer(
         self, keys: torch.Tensor, key_pe: torch.Tensor, point_embedding: torch.Tensor

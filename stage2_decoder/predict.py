@@ -19,6 +19,12 @@ Prompts come from one source, all in the original frame (pixels of the image as 
   left out) and/or one ``box`` [x0, y0, x1, y1]. The object form of an image (``"000033"``) is
   a shorthand: its points (with labels) make one prompt and each of its ``boxes`` another.
 
+Results (``results_<model>.json``, COCO results format) name images by the integer id of
+``stage2_decoder.coco_ids`` (the ``--coco`` file's ids, else the digits of the image id, else a
+stable index); with ground-truth prompts ``gt_coco.json`` (the same objects as a COCO ground
+truth, same ids) is written beside them, so pycocotools' ``COCOeval`` runs on the two files as
+they are. With ``--boxes`` / ``--prompts`` an entry keeps the image id as that file spelled it.
+
 A prompt of exactly one point and no box is ambiguous: multimask output, the mask with the
 highest predicted IoU is kept (Meta's advice for SamPredictor); any other prompt uses the
 single-mask output. Prompts are laid out as Meta's prompt encoder does (points then one padding
@@ -40,6 +46,7 @@ from shared.cache_io import ok_rows, read_embedding_rows
 from shared.output_folders import claim_output_folder
 from shared.transforms import postprocess_low_res
 from stage2_decoder import checkpoints as ck
+from stage2_decoder.coco_ids import GROUND_TRUTH, coco_image_ids, ground_truth_coco
 from stage2_decoder.export import Models, load_models
 from stage2_decoder.model import PromptableDecoder
 from stage2_decoder.prompt_files import (
@@ -63,7 +70,7 @@ from stage2_decoder.visualize import (
 UPSAMPLE_CHUNK = 16  # prompts upsampled to the original frame at once (bounds memory)
 RECORD_COLUMNS = [
     "image_id", "row", "path", "original_height", "original_width", "input_height",
-    "input_width", "has_masks", "objects", "embedding_checksum",
+    "input_width", "has_masks", "objects", "embedding_checksum", "coco_image_id",
 ]  # fmt: skip
 
 
@@ -193,9 +200,10 @@ def _drawn(prompt: Prompt) -> DrawnPrompt:
     return DrawnPrompt(prompt.points, prompt.labels, prompt.box)
 
 
-def _result_entry(prompt: Prompt, image_id: str, prediction: Prediction, k: int) -> dict[str, Any]:
+def _result_entry(prompt: Prompt, coco_id: int, prediction: Prediction, k: int) -> dict[str, Any]:
+    """A COCO result; ``image_id`` as the prompts file spelled it, else the integer COCO id."""
     segmentation, bbox, area = rle_result(prediction.mask)
-    key = prompt.image_key if prompt.image_key is not None else image_id
+    key = prompt.image_key if prompt.image_key is not None else coco_id
     score = prompt.score if prompt.score is not None else prediction.predicted_iou
     return {
         "image_id": key, "category_id": prompt.category_id, "segmentation": segmentation,
@@ -226,7 +234,9 @@ def run_predict(config: PredictConfig) -> PredictSummary:
     out = Path(config.out)
     names = {image_id: safe_relative(image_id) for image_id in chosen}  # refuse before writing
     claim_output_folder(out, "decoder predict")  # inputs checked: now the folder
-    records = {r["image_id"]: r for r in table.to_pylist() if r["image_id"] in names}
+    rows = table.to_pylist()
+    records = {r["image_id"]: r for r in rows if r["image_id"] in names}
+    coco_ids = coco_image_ids(rows)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in models.decoders}
     for image_id in chosen:
         record = records[image_id]
@@ -234,11 +244,15 @@ def run_predict(config: PredictConfig) -> PredictSummary:
         if not prompts:
             summary.skipped.append(image_id)
             continue
-        _predict_one(models, record, prompts, out, names[image_id], results, config, device)
+        where = (out, names[image_id], coco_ids[image_id])
+        _predict_one(models, record, prompts, where, results, config, device)
         summary.images += 1
         summary.masks += len(prompts) * len(models.decoders)
     for name, entries in results.items():
         summary.results.append(ck.write_json(out / f"results_{name}.json", entries))
+    if given is None:  # ground-truth prompts: the same ground truth as COCO, same image ids
+        done = [records[i] for i in chosen if i not in summary.skipped]
+        summary.results.append(ck.write_json(out / GROUND_TRUTH, ground_truth_coco(done, coco_ids)))
     return summary
 
 
@@ -246,13 +260,13 @@ def _predict_one(
     models: Models,
     record: dict[str, Any],
     prompts: list[Prompt],
-    out: Path,
-    name: PurePosixPath,
+    where: tuple[Path, PurePosixPath, int],
     results: dict[str, list[dict[str, Any]]],
     config: PredictConfig,
     device: torch.device,
 ) -> None:
     image_id = record["image_id"]
+    out, name, coco_id = where
     original = (record["original_height"], record["original_width"])
     input_size = (record["input_height"], record["input_width"])
     embedding = torch.from_numpy(read_embedding_rows(models.cache, [record]))
@@ -264,7 +278,7 @@ def _predict_one(
         predictions = predict_image(model, embedding, prompts, input_size, original)
         for k, (prompt, prediction) in enumerate(zip(prompts, predictions, strict=True)):
             write_mask_png(out / "masks" / model_name / name / f"{k:03d}.png", prediction.mask)
-            results[model_name].append(_result_entry(prompt, image_id, prediction, k))
+            results[model_name].append(_result_entry(prompt, coco_id, prediction, k))
         if image is not None:
             title = f"{image_id} {model_name.replace('_', '-')}" + (f" ({note})" if note else "")
             masks = [p.mask for p in predictions]

@@ -22,19 +22,25 @@ from typer.testing import CliRunner
 
 from shared.cache_io import ok_rows, open_cache, read_embeddings
 from shared.sam_models import build_sam, import_sam_package
+from shared.transforms import postprocess_low_res
 from stage1_embed.config import EmbedConfig
 from stage1_embed.pipeline import run_embed
+from stage2_decoder import amg
 from stage2_decoder.amg import (
     AmgConfig,
     batched_nms,
+    find_masks,
     generate,
     masks_to_boxes,
     point_grid,
     remove_small_regions,
+    resize_matrices,
     stability_score,
 )
 from stage2_decoder.cli import app
 from stage2_decoder.export import load_models
+from stage2_decoder.grid_decoder import transform_points
+from stage2_decoder.model import LABEL_PAD, LABEL_POS, PromptableDecoder, build_meta_modules
 from tests import meta_reference
 
 runner = CliRunner()
@@ -80,6 +86,33 @@ def test_pieces_equal_meta() -> None:
     for threshold in (0.3, 0.7):
         expected = meta_reference.batched_nms(boxes, scores, categories, threshold)
         assert torch.equal(batched_nms(boxes, scores, categories, threshold), expected)
+    low_res = torch.randn(5, 256, 256, generator=generator) * 4
+    for sizes in (((768, 1024), (375, 500)), ((1024, 683), (1500, 1000)), ((64, 1024), (3, 48))):
+        rows, columns = resize_matrices(*sizes)
+        expected = postprocess_low_res(low_res.unsqueeze(1), *sizes)[:, 0]  # Meta's postprocess
+        assert torch.allclose(rows @ low_res @ columns, expected, atol=2e-5)
+
+
+def test_grid_transformer_equals_the_batched_decoder() -> None:
+    """One image, many point prompts: `transform_points` = `transform_tokens` (Meta's maths)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PromptableDecoder(*build_meta_modules()).eval()
+    embedding = torch.randn(1, 256, 64, 64, generator=generator)
+    for n_points in (1, 3):  # batch 1: every layer folded; batch 3: the first layer shared
+        coords = torch.rand(n_points, 2, 2, generator=generator) * 1024
+        labels = torch.tensor([[LABEL_POS, LABEL_PAD]]).expand(n_points, 2)
+        sparse = model.embed_points(coords, labels)
+        src = model.embed_tokens(embedding, torch.zeros(n_points, dtype=torch.int64), None, None)
+        with torch.no_grad():
+            tokens, keys = model.transform_tokens(src, sparse)
+            ours, our_keys = transform_points(model, embedding, sparse)
+            index = torch.zeros(n_points, dtype=torch.int64)
+            low_res, iou = model(embedding, index, coords, labels)
+        assert torch.allclose(ours, tokens, atol=1e-4) and torch.allclose(our_keys, keys, atol=1e-4)
+        assert torch.allclose(model.iou_predictions(ours), iou, atol=1e-5)
+        assert torch.allclose(model.mask_logits(ours, our_keys), low_res, atol=1e-3)
 
 
 def _decode(segmentation: dict) -> np.ndarray:
@@ -141,6 +174,45 @@ def test_generate_equals_meta_amg(one_image_cache, tiny_checkpoint) -> None:
     _matched(ours, meta(sam, output_mode="coco_rle", **filtered).generate(image))
 
 
+def test_nothing_found_says_why(one_image_cache, tmp_path, monkeypatch) -> None:
+    """Random weights predict low IoUs: Meta's default thresholds keep nothing, and the command
+    says which filter dropped the candidates and what to lower; so does the overlay title."""
+    titles = []
+    draw = amg.overlay
+    monkeypatch.setattr(amg, "overlay", lambda *a: titles.append(a[-1]) or draw(*a))
+    args = ["amg", "--cache", str(one_image_cache), "--out", str(tmp_path / "amg"),
+            "--points-per-side", "3"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "0 masks for 1 images" in text and "none of 27 candidate masks was kept" in text
+    assert "27 predicted IoU <= 0.88 (best 0." in text and "0 stability < 0.95" in text
+    assert "lower --pred-iou-thresh" in text and "--stability-score-thresh" in text
+    assert titles == ["000032 zero-shot: 0 masks (27/27 pred. IoU <= 0.88, 0 stability < 0.95)"]
+
+
+def test_progress_and_stats(one_image_cache) -> None:
+    cache = open_cache(one_image_cache)
+    record = ok_rows(cache.location).to_pylist()[0]
+    embedding = torch.from_numpy(read_embeddings(cache.embeddings, [record["row"]]))
+    model = load_models(str(one_image_cache)).decoders["zero_shot"]
+    sizes = ((record["input_height"], record["input_width"]),
+             (record["original_height"], record["original_width"]))  # fmt: skip
+    loose = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+             "stability_score_offset": 0.05, "box_nms_thresh": 1.0}  # fmt: skip
+    stabilities = [r["stability_score"] for r in generate(model, embedding, *sizes,
+                                                          AmgConfig(**loose))]  # fmt: skip
+    threshold = _gap_threshold(stabilities)
+    done = []
+    config = AmgConfig(**{**loose, "stability_score_thresh": threshold, "points_per_batch": 3})
+    found, stats = find_masks(model, embedding, *sizes, config, done.append)
+    assert done == [3, 4]
+    unstable = sum(s < threshold for s in stabilities)
+    assert (stats.candidates, stats.low_iou, stats.unstable) == (12, 0, unstable)
+    assert stats.kept == len(found) == 12 - unstable and stats.duplicates == 0
+    assert stats.best_stability == pytest.approx(max(stabilities))
+
+
 def test_amg_cli(one_image_cache, tmp_path) -> None:
     out = tmp_path / "amg"
     args = ["amg", "--cache", str(one_image_cache), "--out", str(out), "--points-per-side", "2",
@@ -148,7 +220,7 @@ def test_amg_cli(one_image_cache, tmp_path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     entries = json.loads((out / "amg_zero_shot.json").read_text())
-    assert len(entries) == 1 and entries[0]["image_id"] == "000032"
+    assert len(entries) == 1 and entries[0]["image_id"] == 32  # integer, as COCO tools expect
     assert set(entries[0]) >= {"segmentation", "bbox", "area", "score", "stability_score"}
     assert Image.open(out / "overlays" / "000032.png").size[0] == 500
     result = runner.invoke(app, [*args, "--crop-n-layers", "1"])

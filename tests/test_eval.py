@@ -133,6 +133,7 @@ def test_eval_cli_both_models_and_reports(cache, run, tiny_checkpoint, tmp_path)
     table = (out / "report.md").read_text()
     assert "| box mIoU |" in table and "difference" in table
     assert (out / "miou_vs_clicks.png").stat().st_size > 1000
+    assert "miou_vs_clicks.png" in result.output
     # zero-shot alone (from the checkpoint) gives the same numbers: same objects, deterministic
     alone = tmp_path / "zero"
     result = evaluate("--cache", str(cache), "--checkpoint", str(tiny_checkpoint), "--split",
@@ -164,6 +165,13 @@ def test_split_from_the_run_when_the_manifest_has_none(tmp_path, tiny_checkpoint
     result = evaluate("--cache", str(cache), "--run", str(run), "--out", str(tmp_path / "r"),
                       "--protocols", "box")  # fmt: skip
     assert result.exit_code == 0, result.output
+    # the box protocol draws no click curve: the summary line lists only the files written
+    assert "report.md" in result.output and "miou_vs_clicks" not in result.output
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "metrics.json",
+        "objects.csv",
+        "report.md",
+    ]
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["n_objects"] == 1 and "the run's val images" in metrics["selection"]
     assert "miou@1" not in metrics["models"]["fine_tuned"]

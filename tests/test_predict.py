@@ -91,7 +91,8 @@ def test_ground_truth_boxes_equal_meta_predictor(voc_cache, records, meta_predic
             ours = read_mask(out / "masks" / "zero_shot" / image_id / f"{k:03d}.png")
             assert ours.shape == masks[0].shape
             assert iou(ours, masks[0]) >= 0.99, (image_id, k)
-            entry = next(e for e in entries if e["image_id"] == image_id and e["prompt_index"] == k)
+            entry = next(e for e in entries
+                         if e["image_id"] == int(image_id) and e["prompt_index"] == k)  # fmt: skip
             rle = {"size": entry["segmentation"]["size"],
                    "counts": entry["segmentation"]["counts"].encode()}  # fmt: skip
             assert np.array_equal(mask_utils.decode(rle).astype(bool), ours)
