@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from shared.cache_format import STATUS_OK
-from shared.cache_io import read_embeddings, read_manifest
+from shared.cache_io import read_embedding_rows, read_manifest
 from shared.transforms import IMAGE_SIZE, TARGET_SIZE
 from stage2_decoder.amg import stability_score
 from stage2_decoder.export import Models
@@ -56,6 +56,7 @@ UNCERTAINTY_POINTS = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.7
 LIST_COLUMNS = [
     "image_id", "row", "path", "status", "error", "split", "has_masks", "n_objects",
     "original_height", "original_width", "input_height", "input_width", "objects",
+    "embedding_checksum",
 ]  # fmt: skip
 
 
@@ -130,7 +131,7 @@ class Labeller:
             self._loaded.move_to_end(image_id)
             return loaded
         record = self.records[image_id]
-        array = read_embeddings(self.models.cache.embeddings, [record["row"]])
+        array = read_embedding_rows(self.models.cache, [record])  # verified: never a damaged row
         embedding = torch.from_numpy(array).float().contiguous(memory_format=torch.channels_last)
         original, _ = self.sizes(image_id)
         ground_truth = [

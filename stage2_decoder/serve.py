@@ -130,7 +130,11 @@ class LabellingApp:
         if self._last_image is not None and self._last_image[0] == image_id:
             return self._last_image[1]
         record = self.labeller.records[image_id]
-        image, _ = read_image_rgb(record["path"], self.labeller.sizes(image_id)[0])
+        image, _ = read_image_rgb(
+            record["path"],
+            self.labeller.sizes(image_id)[0],
+            self.labeller.models.cache.attrs.max_pixels,
+        )
         data = jpeg(image)
         self._last_image = (image_id, data)
         return data
@@ -144,7 +148,9 @@ class LabellingApp:
         if image_id not in self._thumbs:
             record = self.labeller.records[image_id]
             size = (record["original_height"] or 64, record["original_width"] or 64)
-            image, _ = read_image_rgb(record["path"], size)
+            image, _ = read_image_rgb(
+                record["path"], size, self.labeller.models.cache.attrs.max_pixels
+            )
             scale = THUMB_SIDE / max(image.shape[:2])
             small = cv2.resize(image, (max(1, round(image.shape[1] * scale)),
                                        max(1, round(image.shape[0] * scale))),
