@@ -183,8 +183,10 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     domain: Annotated[
         str,
-        typer.Option(help="home (what samcache_tiny was pretrained on) or shifted (new shapes, "
-                     "colours, textures, lighting, noise)."),
+        typer.Option(
+            help="home (what samcache_tiny was pretrained on) or shifted (new shapes, "
+            "colours, textures, lighting, noise)."
+        ),
     ] = "home",
 ) -> None:
     """Write a synthetic PASCAL-VOC-layout dataset (shapes with instance masks, void borders)."""

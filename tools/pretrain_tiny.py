@@ -5,23 +5,26 @@
 What it trains: the whole ``Sam`` of model type ``samcache_tiny`` (``TinyConvEncoder`` image
 encoder, Meta's ``PromptEncoder`` and ``MaskDecoder``), from random weights, on scenes drawn
 on the fly by ``stage1_embed.synthetic.render_scene`` (textured shapes, 1-5 objects per image,
-occlusions; JPEG-compressed at quality 90 like ``embed demo-data``), at the real 1024 input.
+occlusions; JPEG-compressed at quality 90 like ``embed demo-data``).
 
 Recipe: SAM's (arXiv:2304.02643 appendix), at a CPU's scale. Each step takes
-``--images-per-step`` fresh scenes and up to ``--objects-per-image`` objects of each; stage 2's
-``interactive_step`` runs ``--iterations`` prompt iterations (first prompt: one point or a noisy
-box, 50/50; then a corrective click sampled from the error region with the previous logits fed
-back; the last iteration mask-only), multimask for single points (only the lowest-loss mask
-backpropagated), loss 20·focal + dice + IoU MSE. The image embeddings are a leaf for the decoder
-steps; their gradient is then backpropagated through the encoder once. AdamW (lr 8e-4 after a
-linear warm-up, cosine to 10 %, weight decay 0.1, gradient clip 1.0), as SAM.
+``--images-per-step`` fresh scenes (up to 4× more at reduced sides) and up to
+``--objects-per-image`` objects of each; stage 2's ``interactive_step`` runs the phase's prompt
+iterations (first prompt: one point or a noisy box, 50/50; then corrective clicks sampled from
+the error region with the previous logits fed back), multimask for single points (only the
+lowest-loss mask backpropagated), loss 20·focal + dice + IoU MSE. The image embeddings are a
+leaf for the decoder steps; their gradient is then backpropagated through the encoder once.
+AdamW (lr 8e-4 after a linear warm-up, cosine to 10 %, weight decay 0.1, gradient clip 1.0).
 
-Stops after ``--steps`` optimizer steps or ``--max-minutes`` of wall time, whichever first (the
-schedule is laid out for ``--steps``; stopping early leaves the lr higher than planned). The file
-written is a plain ``Sam`` state dict in Meta's key format (``image_encoder.*``,
-``prompt_encoder.*``, ``mask_decoder.*``), fp16 (``--dtype``) so that it ships in the package
-small; ``build_sam`` casts it to fp32 on load. Seeded: the same seed and steps give the same
-scenes, prompts and initial weights (thread scheduling may still change the last bits).
+Reduced cost (``--phases``): the encoder is fully convolutional and Meta's prompt encoder and
+mask decoder have no size-bound weights, so most steps run at input side 256 (a 16×16 grid,
+≈ 16× cheaper per object) with single-shot prompts, then at 512 and at the real 1024 with a
+corrective click. Each phase gets a share of ``--max-minutes`` of wall time, and the lr follows
+the elapsed share of that budget, so the number of steps depends on the machine's speed; the
+scenes, prompts and initial weights of step k depend only on ``--seed`` and k. The file written
+is a plain ``Sam`` state dict in Meta's key format (``image_encoder.*``, ``prompt_encoder.*``,
+``mask_decoder.*``), fp16 (``--dtype``) so that it ships in the package small; ``build_sam``
+casts it to fp32 on load. At use time the model takes 1024×1024 inputs only.
 
 The model is trained on synthetic shapes only: it is NOT a substitute for SAM.
 """
@@ -54,7 +57,6 @@ from stage1_embed.annotations import VOID  # noqa: E402
 from stage1_embed.synthetic import DEFAULT_SIZES, add_void, render_scene  # noqa: E402
 from stage2_decoder.dataset import ObjectBatch  # noqa: E402
 from stage2_decoder.model import PromptableDecoder  # noqa: E402
-from stage2_decoder.schedule import lr_at  # noqa: E402
 from stage2_decoder.step import StepSettings, interactive_step  # noqa: E402
 
 MODEL_TYPE = "samcache_tiny"
@@ -85,8 +87,10 @@ def parse_phases(text: str) -> list[tuple[int, int, float]]:
         side, iterations, share = item.split(":")
         phases.append((int(side), int(iterations), float(share)))
         if int(side) % 64 or int(side) > 1024 or int(iterations) < 1 or float(share) <= 0:
-            raise ValueError(f"--phases: bad phase {item!r} (side multiple of 64 up to 1024, "
-                             "iterations >= 1, share > 0)")
+            raise ValueError(
+                f"--phases: bad phase {item!r} (side multiple of 64 up to 1024, "
+                "iterations >= 1, share > 0)"
+            )
     if abs(sum(p[2] for p in phases) - 1.0) > 1e-6:
         raise ValueError(f"--phases: the shares of {text!r} must add up to 1")
     return phases
@@ -174,8 +178,12 @@ def set_side(decoder: PromptableDecoder, side: int) -> None:
 
 
 def train_step(
-    sam: torch.nn.Module, decoder: PromptableDecoder, step: int, config: PretrainConfig,
-    side: int, iterations: int,
+    sam: torch.nn.Module,
+    decoder: PromptableDecoder,
+    step: int,
+    config: PretrainConfig,
+    side: int,
+    iterations: int,
 ) -> dict[str, float]:
     """Forward/backward of one step (gradients accumulated in the parameters)."""
     images, batch = make_batch(step, config, side)
@@ -189,15 +197,16 @@ def train_step(
         where=f"step {step}",
     )  # fmt: skip
     embeddings.backward(leaf.grad)
-    return {"loss": result.loss, "iou_first": result.parts["iou_first"],
-            "iou_last": result.parts["iou_last"]}
+    return {
+        "loss": result.loss,
+        "iou_first": result.parts["iou_first"],
+        "iou_last": result.parts["iou_last"],
+    }
 
 
 def save(sam: torch.nn.Module, config: PretrainConfig) -> Path:
     dtype = torch.float16 if config.dtype == "float16" else torch.float32
-    state = {
-        k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sam.state_dict().items()
-    }
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sam.state_dict().items()}
     atomic_write(Path(config.out), lambda handle: torch.save(state, handle))
     return Path(config.out)
 
