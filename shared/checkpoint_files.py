@@ -18,6 +18,7 @@ from shared.sam_models import (
     SamModelSpec,
     _existing_file,
     _new_sam,
+    bundled_checkpoint_path,
     get_model_spec,
 )
 
@@ -116,11 +117,20 @@ def resolve_checkpoint(
     (``directory`` defaults to ``default_checkpoint_dir()``); such files are not re-hashed.
     3. Else ``vit_tiny_random`` is generated there (seed 0, NOT pretrained) and Meta's models are
     downloaded from Meta's URL (sha256 verified before the file appears) unless ``download`` is
-    False. Failures raise a CheckpointError saying what to pass.
+    False. A ``bundled`` model (``samcache_tiny``) is always the file shipped in the package.
+    Failures raise a CheckpointError saying what to pass.
     """
     spec = get_model_spec(model_type)
     if checkpoint is not None:
         return _existing_file(Path(checkpoint).expanduser())
+    if spec.bundled:
+        path = bundled_checkpoint_path(model_type)
+        if not path.is_file():
+            raise CheckpointError(
+                f"the bundled {model_type} checkpoint {path} is missing; reinstall samcache or "
+                "make it with `python tools/pretrain_tiny.py`"
+            )
+        return path
     directory = default_checkpoint_dir() if directory is None else Path(directory)
     cached = directory / spec.checkpoint_name
     if cached.is_file():

@@ -3,7 +3,10 @@
 - ``MODEL_SPECS``: the registry of model types: ``vit_b``, ``vit_l``, ``vit_h`` (Meta's
   ``build_sam.py`` encoder configs and official checkpoints) and ``vit_tiny_random``, a tiny image
   encoder that is NOT pretrained (random weights, for tests and the demo only) with the real
-  full-size prompt encoder and mask decoder, so it also yields 256×64×64 embeddings.
+  full-size prompt encoder and mask decoder, so it also yields 256×64×64 embeddings; and
+  ``samcache_tiny``, a small convolutional encoder (``shared/tiny_encoder.py``) with SAM's
+  prompt encoder and mask decoder, pretrained by ``tools/pretrain_tiny.py`` on synthetic shapes
+  and shipped inside the package (a demonstration model, NOT a substitute for SAM).
 - ``resolve_checkpoint``: a given path, else the cache dir, else a verified download from Meta.
 - ``load_state_dict`` (``weights_only=True``), ``detect_model_type``, ``build_sam``,
   ``build_image_encoder`` and ``build_prompt_and_mask_decoder`` (never builds the image encoder;
@@ -81,7 +84,9 @@ class SamModelSpec:
 
     ``sha256`` values of Meta's files are the ones published in public code (e.g. micro-sam's
     pooch registry) and agree across many independent projects. ``url`` is None for a model
-    with no download (``vit_tiny_random``: generated locally, NOT pretrained).
+    with no download (``vit_tiny_random``: generated locally, NOT pretrained; ``samcache_tiny``:
+    ``bundled`` in the package). ``arch`` is ``"vit"`` (Meta's ImageEncoderViT) or ``"conv"``
+    (``TinyConvEncoder``; ``embed_dim`` / ``depth`` are its width and number of blocks).
     """
 
     name: str
@@ -93,10 +98,14 @@ class SamModelSpec:
     sha256: str | None
     pretrained: bool
     title: str
+    arch: str = "vit"
+    bundled: bool = False
 
     @property
     def url(self) -> str | None:
-        return META_URL_BASE + self.checkpoint_name if self.pretrained else None
+        if self.bundled or not self.pretrained:
+            return None
+        return META_URL_BASE + self.checkpoint_name
 
 
 MODEL_SPECS: dict[str, SamModelSpec] = {
@@ -116,7 +125,19 @@ MODEL_SPECS: dict[str, SamModelSpec] = {
         "vit_tiny_random", 64, 2, 2, (1,), "samcache_vit_tiny_random_seed0.pth",
         None, False, "tiny random ViT, NOT pretrained (tests and demo only; masks are meaningless)",
     ),
+    "samcache_tiny": SamModelSpec(
+        "samcache_tiny", 128, 6, 0, (), "samcache_tiny.pth", None, True,
+        "samcache's tiny conv encoder + SAM decoder, a demonstration model pretrained on "
+        "synthetic shapes (tools/pretrain_tiny.py), NOT a substitute for SAM",
+        arch="conv", bundled=True,
+    ),
 }  # fmt: skip
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"  # checkpoints shipped in the package
+
+
+def bundled_checkpoint_path(model_type: str) -> Path:
+    """Where the package keeps the checkpoint of a ``bundled`` model type (no download ever)."""
+    return BUNDLED_DIR / get_model_spec(model_type).checkpoint_name
 
 
 def get_model_spec(model_type: str) -> SamModelSpec:
@@ -130,6 +151,8 @@ def describe_model_type(model_type: str) -> str:
     """One line for help texts and logs: ``vit_b: SAM ViT-B; 768-dim, 12 blocks; Meta's …``."""
     spec = get_model_spec(model_type)
     source = f"Meta's {spec.checkpoint_name}" if spec.pretrained else "random weights, no download"
+    if spec.bundled:
+        source = f"{spec.checkpoint_name} shipped in the package, no download"
     return f"{spec.name}: {spec.title}; {spec.embed_dim}-dim, {spec.depth} blocks; {source}"
 
 
@@ -152,7 +175,12 @@ def check_decoder_parameter_counts(prompt_encoder: nn.Module, mask_decoder: nn.M
 
 
 def _new_image_encoder(spec: SamModelSpec) -> nn.Module:
-    """Randomly initialised ``ImageEncoderViT`` with Meta's arguments for ``spec``."""
+    """Randomly initialised image encoder of ``spec``: Meta's ``ImageEncoderViT`` with Meta's
+    arguments, or ``TinyConvEncoder`` for ``arch == "conv"``."""
+    if spec.arch == "conv":
+        from shared.tiny_encoder import TinyConvEncoder
+
+        return TinyConvEncoder(spec.embed_dim, spec.depth, PROMPT_EMBED_DIM)
     return sam_modeling().ImageEncoderViT(
         depth=spec.depth,
         embed_dim=spec.embed_dim,

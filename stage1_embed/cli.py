@@ -54,7 +54,10 @@ def run(
     out: Annotated[str, typer.Option(help="Cache to create or complete (folder or s3:// URL).")],
     model_type: Annotated[
         str,
-        typer.Option(help="vit_b, vit_l, vit_h, or vit_tiny_random (NOT pretrained: tests/demo)."),
+        typer.Option(
+            help="vit_b, vit_l, vit_h; samcache_tiny (bundled demonstration model trained on "
+            "synthetic shapes, NOT a substitute for SAM); vit_tiny_random (NOT pretrained: tests)."
+        ),
     ] = "vit_b",
     checkpoint: Annotated[
         Path | None,
@@ -240,15 +243,22 @@ def demo_data(
     out: Annotated[Path, typer.Option(help="Folder to write a VOCdevkit/VOC2007 layout into.")],
     n_images: Annotated[int, typer.Option(help="Number of images.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    domain: Annotated[
+        str,
+        typer.Option(
+            help="home (what samcache_tiny was pretrained on) or shifted (new shapes, "
+            "colours, textures, lighting, noise)."
+        ),
+    ] = "home",
 ) -> None:
     """Write a synthetic PASCAL-VOC-layout dataset (shapes with instance masks, void borders)."""
     from stage1_embed.synthetic import make_synthetic_voc
 
     with user_errors():
-        voc = make_synthetic_voc(out, n_images=n_images, seed=seed)
+        voc = make_synthetic_voc(out, n_images=n_images, seed=seed, domain=domain)
     stdout.print(
-        f"wrote {n_images} images to {voc}; next: embed run --images {voc / 'JPEGImages'} "
-        "--out cache.zarr --model-type vit_tiny_random"
+        f"wrote {n_images} {domain} images to {voc}; next: embed run --images "
+        f"{voc / 'JPEGImages'} --out cache.zarr --model-type samcache_tiny"
     )
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny_random")
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny_random", "samcache_tiny")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 MASK_KINDS = ("auto", "binary", "instance")

@@ -23,6 +23,8 @@ CPU this runner in bf16 is several times faster than Meta's fp32 forward (see th
 
 Meta's classes are never patched: the runner keeps its own attention wrappers and its own loop
 over the blocks. It owns the module it is given (low precisions cast the blocks in place).
+Any other encoder module (``samcache_tiny``'s ``TinyConvEncoder``) runs as ``encoder(batch)``,
+under ``torch.autocast`` for bf16 / fp16.
 """
 
 from __future__ import annotations
@@ -218,14 +220,23 @@ class EncoderRunner:
         device: torch.device | str = "cpu",
         fast_attention: bool | None = None,
     ) -> None:
-        if not isinstance(encoder, _meta_image_encoder().ImageEncoderViT):
-            raise ValueError(f"expected Meta's ImageEncoderViT, got {type(encoder).__name__}")
+        from shared.tiny_encoder import TinyConvEncoder
+
+        self.is_vit = isinstance(encoder, _meta_image_encoder().ImageEncoderViT)
+        if not (self.is_vit or isinstance(encoder, TinyConvEncoder)):
+            raise ValueError(
+                f"expected Meta's ImageEncoderViT or samcache's TinyConvEncoder, "
+                f"got {type(encoder).__name__}"
+            )
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = _DTYPES[self.precision]
         self.fast_attention = True if fast_attention is None else fast_attention
         self.encoder = encoder.eval().to(self.device)
         self.img_size: int = encoder.img_size
+        if not self.is_vit:  # samcache_tiny's conv encoder: plain forward
+            self._attns = []
+            return
         if self.dtype != torch.float32:
             for block in self.encoder.blocks:
                 block.attn.to(self.dtype)
@@ -258,7 +269,10 @@ class EncoderRunner:
             )
         x = batch.to(self.device, torch.float32)
         with torch.no_grad():
-            if self.dtype == torch.float32 and not self.fast_attention:
+            if not self.is_vit:
+                with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != x.dtype):
+                    out = self.encoder(x)
+            elif self.dtype == torch.float32 and not self.fast_attention:
                 out = self.encoder(x)
             else:
                 out = self._forward(x)

@@ -18,6 +18,10 @@ Shapes overlap (later ones occlude earlier ones) and range from small to large. 
 void band (value 255) ~5 px wide covers every label boundary, and occluded slivers that would
 be too small to annotate are void too. Everything is deterministic for a seed: image ``i`` is
 drawn from ``numpy.random.default_rng([seed, i])`` whatever ``n_images`` is.
+
+This is the *home* domain that ``samcache_tiny`` is pretrained on (``tools/pretrain_tiny.py``);
+``domain="shifted"`` draws the scenes of ``synthetic_shifted.py`` instead (other shapes,
+colours, textures, lighting and noise) in the same VOC layout.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ _FAMILIES = np.array([(205, 45, 40), (45, 170, 60), (40, 75, 205), (225, 200, 45
 _MARKER = ".samcache-synthetic"
 _MIN_VISIBLE = 120  # px; occluded remainders smaller than this become void
 DEFAULT_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333))
+DOMAINS = ("home", "shifted")
 
 
 def make_synthetic_voc(
@@ -48,6 +53,7 @@ def make_synthetic_voc(
     max_instances: int = 5,
     val_fraction: float = 0.25,
     jpeg_quality: int = 90,
+    domain: str = "home",
 ) -> Path:
     """Write ``<out_dir>/VOCdevkit/VOC2007`` and return that path.
 
@@ -55,10 +61,16 @@ def make_synthetic_voc(
     SegmentationObject/<id>.png and SegmentationClass/<id>.png (palette PNGs, VOC palette) and
     ImageSets/Segmentation/{train,val,trainval}.txt (last line without a newline). Ids are
     ``000001``…; about ``val_fraction`` of them are in val. A folder this function wrote before
-    is replaced; any other non-empty VOC2007 folder there is refused.
+    is replaced; any other non-empty VOC2007 folder there is refused. ``domain``: ``home``
+    (this module's shapes) or ``shifted`` (``synthetic_shifted.py``).
     """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
+    if domain not in DOMAINS:
+        raise ValueError(f"--domain {domain!r} is not one of {', '.join(DOMAINS)}")
+    render = render_scene
+    if domain == "shifted":
+        from stage1_embed.synthetic_shifted import render_shifted_scene as render
     voc = _fresh_dir(Path(out_dir) / "VOCdevkit" / "VOC2007")
     folders = [voc / n for n in ("JPEGImages", "SegmentationObject", "SegmentationClass")]
     for folder in [*folders, voc / "ImageSets" / "Segmentation"]:
@@ -66,7 +78,7 @@ def make_synthetic_voc(
     ids = [f"{i + 1:06d}" for i in range(n_images)]
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([seed, i])
-        rgb, objects, classes = render_scene(rng, size_choices, max_instances)
+        rgb, objects, classes = render(rng, size_choices, max_instances)
         objects, classes = add_void(objects, classes)
         _save(Image.fromarray(rgb), folders[0] / f"{image_id}.jpg", quality=jpeg_quality)
         _save(_palette_png(objects), folders[1] / f"{image_id}.png")

@@ -141,6 +141,9 @@ def markdown(report: EvalReport) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    if report.cache.get("model_type") == "samcache_tiny":
+        lines += ["", "samcache_tiny is a demonstration model trained on synthetic shapes, "
+                  "not a substitute for SAM."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
