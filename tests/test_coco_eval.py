@@ -121,7 +121,8 @@ def test_rows_written_before_the_column_read_as_null(coco_cache, tmp_path) -> No
     cache = open_cache(coco_cache)
     row = {**ok_rows(cache.location).to_pylist()[0], "image_id": "older"}
     old = manifest_table([row]).drop_columns(["coco_image_id"])
-    fragment = Path(cache.location.join(MANIFEST_DIR, "part-0-old.parquet"))
+    name = f"part-{1:020d}-{'0' * 12}.parquet"  # a name the format gives (else: stray)
+    fragment = Path(cache.location.join(MANIFEST_DIR, name))
     pq.write_table(old, fragment)
     try:
         rows = {r["image_id"]: r["coco_image_id"] for r in ok_rows(cache.location).to_pylist()}
