@@ -28,11 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
 from pycocotools import mask as mask_utils
 
 from shared.cache_format import TARGET_SIZE
@@ -413,54 +412,3 @@ def _title_count(stats: AmgStats, config: AmgConfig) -> str:
 
 def _bytes_rle(segmentation: dict[str, Any]) -> dict[str, Any]:
     return {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
-
-
-def amg_command(
-    cache: Annotated[str, typer.Option(help="Cache made by `embed run`.")],
-    out: Annotated[Path, typer.Option(help="Folder for amg_<model>.json and overlays/.")],
-    images: Annotated[str | None, typer.Option(help="Comma-separated image ids.")] = None,
-    run: Annotated[Path | None, typer.Option(help="Fine-tuned decoder of this run.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="The cache's SAM checkpoint.")] = None,
-    which: Annotated[str, typer.Option(help="best or last checkpoint of --run.")] = "best",
-    points_per_side: Annotated[int, typer.Option(help="Grid of points_per_side² prompts.")] = 32,
-    points_per_batch: Annotated[
-        int, typer.Option(help="Points decoded together (memory: ~25 MiB each).")
-    ] = 16,
-    pred_iou_thresh: Annotated[float, typer.Option(help="Keep predicted IoU above.")] = 0.88,
-    stability_score_thresh: Annotated[float, typer.Option(help="Keep masks this stable.")] = 0.95,
-    stability_score_offset: Annotated[float, typer.Option(help="Stability logit offset.")] = 1.0,
-    box_nms_thresh: Annotated[float, typer.Option(help="Box IoU of duplicates (NMS).")] = 0.7,
-    min_mask_region_area: Annotated[int, typer.Option(help="Remove holes/islands below (px).")] = 0,
-    crop_n_layers: Annotated[int, typer.Option(help="0 only: no crop embeddings cached.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    overlays: Annotated[bool, typer.Option(help="Draw overlay pictures.")] = True,
-) -> None:
-    """Segment everything (Meta's SamAutomaticMaskGenerator, no crops) from cached embeddings."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from stage2_decoder.cli import console, user_errors
-
-    columns = ("amg points", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=console, disable=not console.is_terminal)
-    with user_errors(), bar:
-        task = bar.add_task("amg", total=None)
-        config = AmgConfig(
-            points_per_side=points_per_side, points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-            stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
-            min_mask_region_area=min_mask_region_area, crop_n_layers=crop_n_layers,
-        )  # fmt: skip
-        ids = tuple(i.strip() for i in (images or "").split(",") if i.strip())
-        path, n_images, stats = run_amg(
-            cache, out, config, images=ids, run=str(run) if run else None,
-            checkpoint=str(checkpoint) if checkpoint else None, which=which, device=device,
-            overlays=overlays,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )  # fmt: skip
-    summary = f"{path}: {stats.kept} masks for {n_images} images"
-    if stats.kept:
-        summary += f" (of {stats.candidates} candidates dropped: {stats.dropped(config)})"
-    else:
-        summary += f": {stats.why_none(config)}"
-    Console().print(summary, highlight=False, soft_wrap=True)

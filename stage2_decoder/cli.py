@@ -247,15 +247,12 @@ def serve(
 
 
 # Commands after training, defined in their own modules (registration only).
-from stage2_decoder.amg import amg_command  # noqa: E402
-from stage2_decoder.eval_report import eval_command  # noqa: E402
-from stage2_decoder.export import export_command  # noqa: E402
-from stage2_decoder.predict import predict_command  # noqa: E402
+from stage2_decoder import cli_inference  # noqa: E402  (declarations only: no torch)
 
-app.command("eval")(eval_command)
-app.command("predict")(predict_command)
-app.command("amg")(amg_command)
-app.command("export")(export_command)
+app.command("eval", cls=cli_support.SuggestingCommand)(cli_inference.eval_command)
+app.command("predict", cls=cli_support.SuggestingCommand)(cli_inference.predict_command)
+app.command("amg", cls=cli_support.SuggestingCommand)(cli_inference.amg_command)
+app.command("export", cls=cli_support.SuggestingCommand)(cli_inference.export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

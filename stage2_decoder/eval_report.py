@@ -23,16 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.table import Table
 
 from shared.output_folders import claim_output_folder
 from stage2_decoder.checkpoints import atomic_write, write_json
 from stage2_decoder.dataset import DataError
 from stage2_decoder.evaluate import (
-    SPLITS_HELP,
     EvalConfig,
     ObjectResult,
     evaluate_objects,
@@ -260,52 +258,3 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
         return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"{option} {text!r}: expected comma-separated numbers") from None
-
-
-def eval_command(
-    cache: Annotated[str, typer.Option(help="Cache made by `embed run` with masks.")],
-    out: Annotated[Path, typer.Option(help="Report folder: metrics.json, objects.csv, …")],
-    run: Annotated[
-        Path | None, typer.Option(help="Run folder of `decoder train`: adds the fine-tuned model.")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="The SAM checkpoint the cache was made with, if it moved.")
-    ] = None,
-    which: Annotated[str, typer.Option(help="best or last checkpoint of --run.")] = "best",
-    split: Annotated[str, typer.Option(help=SPLITS_HELP)] = "val",
-    protocols: Annotated[str, typer.Option(help="box, clicks or box,clicks.")] = "box,clicks",
-    clicks: Annotated[str, typer.Option(help="Report mIoU after these clicks.")] = "1,2,3,5,9",
-    max_clicks: Annotated[int, typer.Option(help="Click budget per object (NoC cap).")] = 20,
-    noc: Annotated[str, typer.Option(help="NoC IoU thresholds.")] = "0.85,0.90",
-    box_jitter: Annotated[
-        float, typer.Option(help="Box noise: ±fraction of the side (max 20 px); 0 = exact box.")
-    ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the box jitter.")] = 0,
-    images_per_batch: Annotated[int, typer.Option(help="Images read together.")] = 16,
-    objects_per_call: Annotated[int, typer.Option(help="Objects per decoder call (memory).")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (CUDA).")] = "fp32",
-) -> None:
-    """Zero-shot vs fine-tuned decoder: box and interactive clicks, at the original resolution."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from stage2_decoder.cli import console, user_errors
-
-    columns = ("eval", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=console, disable=not console.is_terminal)
-    with user_errors(), bar:
-        task = bar.add_task("eval", total=None)
-        config = EvalConfig(
-            cache=cache, out=str(out), run=str(run) if run else None,
-            checkpoint=str(checkpoint) if checkpoint else None, which=which, split=split,
-            protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
-            clicks=_numbers(clicks, int, "--clicks"), max_clicks=max_clicks,
-            noc_thresholds=_numbers(noc, float, "--noc"), box_jitter=box_jitter, seed=seed,
-            images_per_batch=images_per_batch, objects_per_call=objects_per_call,
-            device=device, precision=precision,
-        )  # fmt: skip
-        report = run_eval(config, lambda done, total: bar.update(task, completed=done, total=total))
-    Console().print(rich_table(report))
-    files = ", ".join(path.name for path in report.written)
-    Console().print(f"wrote {out}/ ({files}) in {report.seconds:.1f} s", highlight=False)

@@ -21,10 +21,9 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,7 +31,7 @@ from shared.cache_format import CacheAttrs, check_same_model
 from shared.cache_io import Cache, open_cache
 from shared.sam_models import build_prompt_and_mask_decoder, load_state_dict
 from stage2_decoder import checkpoints as ck
-from stage2_decoder.guards import check_export_out, export_inputs, same_file
+from stage2_decoder.guards import same_file
 from stage2_decoder.model import PromptableDecoder, build_meta_modules
 from stage2_decoder.setup import find_sam_checkpoint
 
@@ -353,55 +352,3 @@ def check_onnx(
 # --------------------------------------------------------------------------- command
 
 ONNX_TOLERANCE = 1e-3  # largest |onnxruntime − torch| accepted on the logits
-
-
-def export_command(
-    run: Annotated[
-        Path, typer.Option(help="Run folder of `decoder train` (holds best.pt, last.pt).")
-    ],
-    out: Annotated[Path, typer.Option(help="File to write (.pth, or .onnx with --onnx).")],
-    which: Annotated[str, typer.Option(help="best (best val mIoU) or last checkpoint.")] = "best",
-    decoder_only: Annotated[
-        bool, typer.Option(help="Write only the mask_decoder.* tensors (as tutorials save them).")
-    ] = False,
-    onnx: Annotated[
-        bool, typer.Option(help="Write the decoder as ONNX with Meta's inputs (needs onnx extra).")
-    ] = False,
-    return_single_mask: Annotated[
-        bool, typer.Option(help="ONNX: return the one best mask (Meta's export option).")
-    ] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="The SAM checkpoint the cache was made with, if it moved.")
-    ] = None,
-    cache: Annotated[
-        str | None, typer.Option(help="The run's cache, if it moved (finds the checkpoint).")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace --out if it exists (never an input of the run).")
-    ] = False,
-) -> None:
-    """Export the fine-tuned decoder: a full SAM checkpoint, mask_decoder.* only, or ONNX."""
-    from rich.console import Console
-
-    from stage2_decoder.cli import user_errors
-
-    with user_errors():
-        if onnx and decoder_only:
-            raise ValueError("--onnx and --decoder-only exclude each other; choose one")
-        given = str(checkpoint) if checkpoint else None
-        files, folders = export_inputs(run, load_run_state(run, which), given, cache)
-        check_export_out(out, files, folders, overwrite=overwrite)
-        if onnx:
-            model = decoder_from_state(load_run_state(run, which))
-            export_onnx(model, out, return_single_mask=return_single_mask, opset=opset)
-            error = check_onnx(model, out, return_single_mask=return_single_mask)
-            if not error <= ONNX_TOLERANCE:
-                raise RuntimeError(f"{out}: onnxruntime differs from torch by {error:.2e}")
-            detail = f"ONNX decoder (onnxruntime matches torch to {error:.1e})"
-        else:
-            export_sam_checkpoint(
-                run, out, which=which, decoder_only=decoder_only, checkpoint=given, cache=cache
-            )
-            detail = "mask_decoder.* tensors" if decoder_only else "full SAM checkpoint"
-    Console().print(f"wrote {out}: {detail} from {run / WHICH[which]}", highlight=False)

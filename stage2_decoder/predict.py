@@ -35,11 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
 from pycocotools import mask as mask_utils
 
 from shared.cache_io import ok_rows, read_embedding_rows
@@ -285,57 +284,3 @@ def _predict_one(
             panels.append(overlay(image, masks, [_drawn(p) for p in prompts], title))
     if panels:
         write_png(out / "overlays" / name.with_name(name.name + ".png"), side_by_side(panels))
-
-
-def predict_command(
-    cache: Annotated[str, typer.Option(help="Cache made by `embed run`.")],
-    out: Annotated[Path, typer.Option(help="Folder for masks/, overlays/ and results_*.json.")],
-    run: Annotated[
-        Path | None, typer.Option(help="Run folder of `decoder train` (fine-tuned decoder).")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="The SAM checkpoint the cache was made with, if it moved.")
-    ] = None,
-    which: Annotated[str, typer.Option(help="best or last checkpoint of --run.")] = "best",
-    images: Annotated[
-        str | None, typer.Option(help="Comma-separated image ids (default: all with prompts).")
-    ] = None,
-    boxes: Annotated[
-        Path | None, typer.Option(help="COCO detection results JSON: box prompts.")
-    ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Prompts JSON: points/labels and/or boxes per image.")
-    ] = None,
-    score_threshold: Annotated[
-        float, typer.Option(help="--boxes: keep detections with score >= this.")
-    ] = 0.0,
-    compare: Annotated[
-        bool, typer.Option(help="Zero-shot and fine-tuned side by side (needs --run).")
-    ] = False,
-    overlays: Annotated[bool, typer.Option(help="Draw overlay pictures.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-) -> None:
-    """Masks for prompts (ground-truth boxes by default) on cached images; COCO RLE results."""
-    from rich.console import Console
-
-    from stage2_decoder.cli import user_errors
-
-    with user_errors():
-        config = PredictConfig(
-            cache=cache, out=str(out), run=str(run) if run else None,
-            checkpoint=str(checkpoint) if checkpoint else None, which=which,
-            images=tuple(i.strip() for i in (images or "").split(",") if i.strip()),
-            boxes=str(boxes) if boxes else None, prompts=str(prompts) if prompts else None,
-            score_threshold=score_threshold, compare=compare, overlays=overlays, device=device,
-        )  # fmt: skip
-        summary = run_predict(config)
-    skipped = f"; {len(summary.skipped)} image(s) had no prompt" if summary.skipped else ""
-    if summary.bad_detections:
-        skipped += f"; {len(summary.bad_detections)} detection(s) skipped"
-    for line in summary.bad_detections[:10]:
-        Console(stderr=True).print(f"skipped {line}", highlight=False, soft_wrap=True)
-    Console().print(
-        f"{out}: {summary.masks} masks for {summary.images} images "
-        f"({', '.join(p.name for p in summary.results)}){skipped}",
-        highlight=False,
-    )

@@ -139,3 +139,15 @@ def test_unknown_options_suggest_the_option_meant(cache: str, tmp_path: Path) ->
     assert "--images-per-step" in _text(result) and "--cache?" not in _text(result)
     result = CliRunner().invoke(embed_app, ["run", "--images", ".", "--out", "x", "--bs", "2"])
     assert result.exit_code == 2 and "--batch-size" in _text(result)
+
+
+@pytest.mark.parametrize("module", ["stage1_embed.cli", "stage2_decoder.cli"])
+def test_help_needs_no_torch(module: str) -> None:
+    """`--help` and refused options answer at once: the CLIs import torch only in commands."""
+    import subprocess
+    import sys
+
+    heavy = "('torch', 'zarr', 'cv2')"
+    code = f"import sys, {module}; print(sorted(m for m in {heavy} if m in sys.modules))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stdout
