@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import cv2
 import numpy as np
@@ -21,10 +20,7 @@ FAMILIES = np.array([(205, 45, 40), (45, 170, 60), (40, 75, 205), (225, 200, 45)
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    started = time.perf_counter()
-    path = make_synthetic_voc(tmp_path_factory.mktemp("syn"), n_images=24, seed=0)
-    assert time.perf_counter() - started < 6  # ~1 s on a quiet 2-core machine
-    return path
+    return make_synthetic_voc(tmp_path_factory.mktemp("syn"), n_images=24, seed=0)
 
 
 def _digests(root):
