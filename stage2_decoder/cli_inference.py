@@ -210,14 +210,13 @@ def export_command(
     from stage2_decoder.export import (
         ONNX_TOLERANCE,
         WHICH,
-        check_export_out,
         check_onnx,
         decoder_from_state,
-        export_inputs,
         export_onnx,
         export_sam_checkpoint,
         load_run_state,
     )
+    from stage2_decoder.guards import check_export_out, export_inputs
 
     with user_errors():
         if onnx and decoder_only:
