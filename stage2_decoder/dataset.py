@@ -336,6 +336,8 @@ class ValBatches(torch.utils.data.Dataset):
         return math.ceil(self.reader.images.num_rows / self.images_per_batch)
 
     def __getitem__(self, index: int) -> ObjectBatch:
+        if not 0 <= index < len(self):  # ends iteration (``list(val)``): never an empty batch
+            raise IndexError(f"val batch {index} of {len(self)}")
         start = index * self.images_per_batch
         positions = list(range(start, min(start + self.images_per_batch, len(self.reader.images))))
         parts: dict[str, list] = {"image_index": [], "targets": [], "valid": [], "boxes": []}
