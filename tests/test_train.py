@@ -193,8 +193,8 @@ def test_non_finite_loss_stops_with_step_and_parts(cache: str, tmp_path: Path, m
 def test_train_writes_the_run_folder_and_keeps_frozen_parts(cache: str, tmp_path: Path) -> None:
     summary = train(_config(cache, tmp_path / "run", epochs=2))
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl",
-                     "train.lock"]  # fmt: skip
+    assert names == [".samcache-output.json", "best.pt", "config.json", "curves.png", "last.pt",
+                     "metrics.jsonl", "train.lock"]  # fmt: skip
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == summary.steps == 4 and state["epoch"] == 2
     assert state["cache"]["model_type"] == "vit_tiny_random"
