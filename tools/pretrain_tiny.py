@@ -1,6 +1,7 @@
 """Pretrain ``samcache_tiny`` end to end on the synthetic "home" domain (a demonstration model).
 
-    nice -n 10 python tools/pretrain_tiny.py --out shared/weights/samcache_tiny.pth
+    python tools/pretrain_tiny.py --out shared/weights/samcache_tiny.pth   # ≈ 50 min, 2 cores
+    python tools/pretrain_tiny.py --out shared/weights/samcache_tiny.pth --resume  # after a kill
 
 What it trains: the whole ``Sam`` of model type ``samcache_tiny`` (``TinyConvEncoder`` image
 encoder, Meta's ``PromptEncoder`` and ``MaskDecoder``), from random weights, on scenes drawn
@@ -17,14 +18,17 @@ leaf for the decoder steps; their gradient is then backpropagated through the en
 AdamW (lr 8e-4 after a linear warm-up, cosine to 10 %, weight decay 0.1, gradient clip 1.0).
 
 Reduced cost (``--phases``): the encoder is fully convolutional and Meta's prompt encoder and
-mask decoder have no size-bound weights, so most steps run at input side 256 (a 16×16 grid,
-≈ 16× cheaper per object) with single-shot prompts, then at 512 and at the real 1024 with a
-corrective click. Each phase gets a share of ``--max-minutes`` of wall time, and the lr follows
-the elapsed share of that budget, so the number of steps depends on the machine's speed; the
-scenes, prompts and initial weights of step k depend only on ``--seed`` and k. The file written
-is a plain ``Sam`` state dict in Meta's key format (``image_encoder.*``, ``prompt_encoder.*``,
-``mask_decoder.*``), fp16 (``--dtype``) so that it ships in the package small; ``build_sam``
-casts it to fp32 on load. At use time the model takes 1024×1024 inputs only.
+mask decoder have no size-bound weights, so the first steps run at input side 256 (a 16×16
+grid, ≈ 16× cheaper per object), then at 512 and at the real 1024, each with a corrective click
+after the first prompt. Each phase gets a share of ``--steps``; the lr follows the step (warm-up,
+then cosine). The scenes, prompts and initial weights of step k depend only on ``--seed`` and
+k, so a run is reproducible (same ``--threads``) whatever the machine's load: its speed only
+changes the wall time.
+Every ``--save-every`` steps the weights and ``<out>.state.pt`` (fp32 weights, optimizer, step)
+are written atomically; ``--resume`` continues from there with the same options. The file
+shipped is a plain ``Sam`` state dict in Meta's key format (``image_encoder.*``,
+``prompt_encoder.*``, ``mask_decoder.*``), fp16 (``--dtype``) so that it ships in the package
+small; ``build_sam`` casts it to fp32 on load. At use time the model takes 1024×1024 inputs only.
 
 The model is trained on synthetic shapes only: it is NOT a substitute for SAM.
 """
@@ -36,7 +40,7 @@ import io
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -60,14 +64,15 @@ from stage2_decoder.model import PromptableDecoder  # noqa: E402
 from stage2_decoder.step import StepSettings, interactive_step  # noqa: E402
 
 MODEL_TYPE = "samcache_tiny"
+_FREE = ("resume", "threads", "log_every", "save_every")  # may change on --resume
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     out: str
-    phases: str = "256:1:0.55,512:2:0.2,1024:2:0.25"  # side:iterations:share of the time
-    max_minutes: float = 35.0
-    threads: int = 1  # torch threads: 1 is fastest on a CPU shared with other work
+    phases: str = "256:2:0.5,512:2:0.3,1024:2:0.2"  # side:iterations:share of the steps
+    steps: int = 2000
+    threads: int = 2  # torch threads (the machine's cores)
     images_per_step: int = 2
     objects_per_image: int = 4
     lr: float = 8e-4
@@ -77,6 +82,8 @@ class PretrainConfig:
     seed: int = 0
     dtype: str = "float16"
     log_every: int = 10
+    save_every: int = 100  # also the resume state (``<out>.state.pt``)
+    resume: bool = False
 
 
 def parse_phases(text: str) -> list[tuple[int, int, float]]:
@@ -205,47 +212,83 @@ def train_step(
 
 
 def save(sam: torch.nn.Module, config: PretrainConfig) -> Path:
+    """The shipped file: a plain ``Sam`` state dict in ``config.dtype`` (written atomically)."""
     dtype = torch.float16 if config.dtype == "float16" else torch.float32
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sam.state_dict().items()}
     atomic_write(Path(config.out), lambda handle: torch.save(state, handle))
     return Path(config.out)
 
 
-def phase_ends(text: str) -> list[tuple[int, int, float]]:
-    """(side, iterations, cumulative share of the time budget at the phase's end) per phase."""
+def state_path(config: PretrainConfig) -> Path:
+    return Path(config.out + ".state.pt")
+
+
+def save_state(sam: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+               config: PretrainConfig) -> None:  # fmt: skip
+    """What ``--resume`` continues from: fp32 weights, optimizer, next step, the config."""
+    state = {"model": sam.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "config": asdict(config)}  # fmt: skip
+    atomic_write(state_path(config), lambda handle: torch.save(state, handle))
+
+
+def load_state(sam: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               config: PretrainConfig) -> int:  # fmt: skip
+    """Restore ``<out>.state.pt``; returns the step to continue at. The schedule must match."""
+    path = state_path(config)
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} does not exist; start without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {k: v for k, v in state["config"].items() if k not in _FREE}
+    mine = {k: v for k, v in asdict(config).items() if k not in _FREE}
+    if saved != mine:
+        changed = sorted(k for k in mine if saved.get(k) != mine[k])
+        raise SystemExit(f"--resume: options differ from the saved run ({', '.join(changed)})")
+    sam.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def phase_ends(config: PretrainConfig) -> list[tuple[int, int, int]]:
+    """(side, iterations, first step after the phase) per phase, in order."""
     ends, total = [], 0.0
-    for side, iterations, share in parse_phases(text):
+    for side, iterations, share in parse_phases(config.phases):
         total += share
-        ends.append((side, iterations, total))
+        ends.append((side, iterations, round(total * config.steps)))
     return ends
 
 
-def lr_at_time(progress: float, step: int, config: PretrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps`` steps, then a cosine over the time budget to 10 %."""
+def lr_at(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps`` steps, then a cosine over ``steps`` to 10 %."""
     warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
     floor = 0.1 * config.lr
-    cosine = floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
-    return warm * cosine
+    progress = min(1.0, step / max(1, config.steps))
+    return warm * (floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(config: PretrainConfig) -> Path:
+def new_run(config: PretrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A randomly initialised ``samcache_tiny`` (seeded) and its AdamW optimizer."""
     torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads)
     sam = _new_sam(get_model_spec(MODEL_TYPE)).train()
-    decoder = PromptableDecoder(sam.prompt_encoder, sam.mask_decoder)
     params = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ], lr=config.lr)  # fmt: skip
-    started, window, step = time.perf_counter(), [], 0
-    budget = config.max_minutes * 60
-    for side, iterations, share_end in phase_ends(config.phases):
+    return sam, optimizer
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    torch.set_num_threads(config.threads)
+    sam, optimizer = new_run(config)
+    step = load_state(sam, optimizer, config) if config.resume else 0
+    decoder = PromptableDecoder(sam.prompt_encoder, sam.mask_decoder)
+    params = [p for p in sam.parameters() if p.requires_grad]
+    started, window = time.perf_counter(), []
+    for side, iterations, phase_end in phase_ends(config):
         set_side(decoder, side)
-        while (elapsed := time.perf_counter() - started) < share_end * budget:
-            lr = lr_at_time(elapsed / budget, step, config)
+        while step < phase_end:
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(step, config)
             optimizer.zero_grad(set_to_none=True)
             window.append(train_step(sam, decoder, step, config, side, iterations))
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -253,11 +296,14 @@ def pretrain(config: PretrainConfig) -> Path:
             step += 1
             if step % config.log_every == 0:
                 mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                print(f"step {step:5d}  side {side}  lr {lr:.2e}  loss {mean['loss']:.4f}  "
-                      f"train IoU first {mean['iou_first']:.3f} last {mean['iou_last']:.3f}  "
-                      f"{elapsed / 60:.1f} min", flush=True)  # fmt: skip
+                minutes, lr = (time.perf_counter() - started) / 60, lr_at(step - 1, config)
+                print(f"step {step:5d}/{config.steps}  side {side}  lr {lr:.2e}  "
+                      f"loss {mean['loss']:.4f}  train IoU first {mean['iou_first']:.3f} "
+                      f"last {mean['iou_last']:.3f}  {minutes:.1f} min", flush=True)  # fmt: skip
                 window = []
+            if step % config.save_every == 0:
                 save(sam, config)
+                save_state(sam, optimizer, step, config)
     set_side(decoder, 1024)
     return save(sam, config)
 
@@ -267,7 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="shared/weights/samcache_tiny.pth")
     for name, default in vars(PretrainConfig("")).items():
         if name != "out":
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(default, bool):
+                parser.add_argument(flag, action="store_true")
+            else:
+                parser.add_argument(flag, type=type(default), default=default)
     args = parser.parse_args(argv)
     config = PretrainConfig(**vars(args))
     print(f"pretraining {MODEL_TYPE} (a demonstration model, NOT a substitute for SAM): {config}")
