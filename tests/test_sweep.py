@@ -384,16 +384,17 @@ def _done_trials(out: Path) -> list[Path]:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_killed_sweep_resumes_without_redoing_finished_trials(cache: str, tmp_path: Path) -> None:
-    out = tmp_path / "sweep"
-    process = subprocess.Popen(_sweep_command(cache, out), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
+    out, log = tmp_path / "sweep", tmp_path / "sweep.log"
+    with log.open("wb") as stderr:  # a file, not a pipe nobody reads (it would fill and block)
+        process = subprocess.Popen(_sweep_command(cache, out), cwd=REPO, env=_env(),
+                                   stdout=stderr, stderr=stderr, start_new_session=True)  # fmt: skip
     try:
-        _wait(lambda: bool(_done_trials(out)) or process.poll() is not None, "a finished trial")
+        _wait(lambda: bool(_done_trials(out)) or process.poll() is not None,
+              f"a finished trial (log: {log})")  # fmt: skip
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the client, its cluster and its workers
         process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     finished = {f.name: (f / "best.pt").stat().st_mtime_ns for f in _done_trials(out)}
     assert finished and len(finished) < 4
 
