@@ -385,9 +385,11 @@ def _done_trials(out: Path) -> list[Path]:
 @pytest.mark.timeout(1200)
 def test_killed_sweep_resumes_without_redoing_finished_trials(cache: str, tmp_path: Path) -> None:
     out, log = tmp_path / "sweep", tmp_path / "sweep.log"
-    with log.open("wb") as stderr:  # a file, not a pipe nobody reads (it would fill and block)
-        process = subprocess.Popen(_sweep_command(cache, out), cwd=REPO, env=_env(),
-                                   stdout=stderr, stderr=stderr, start_new_session=True)  # fmt: skip
+    with log.open("wb") as sink:  # a file, not a pipe nobody reads (it would fill and block)
+        process = subprocess.Popen(
+            _sweep_command(cache, out), cwd=REPO, env=_env(), stdout=sink, stderr=sink,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         _wait(lambda: bool(_done_trials(out)) or process.poll() is not None,
               f"a finished trial (log: {log})")  # fmt: skip
