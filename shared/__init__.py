@@ -6,4 +6,5 @@
 - ``storage``      local path or fsspec URL of a cache; the one-writer lock
 - ``cache_format`` the cache contract as code: names, manifest schema, attributes (no I/O)
 - ``cache_io``     create/open a cache, write embeddings, commit and read the manifest
+- ``dask_cluster`` the Dask client of a command: its own LocalCluster or a given scheduler
 """

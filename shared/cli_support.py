@@ -60,6 +60,12 @@ class SuggestingCommand(typer.core.TyperCommand):
             raise
 
 
+def explicit_options(ctx: typer.Context) -> set[str]:
+    """Names of the options the user typed (or set through the environment)."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # by name: typer may bring its own click
+    return {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "") in given}
+
+
 def one_line(exc: BaseException) -> str:
     """The message of ``exc``; for an error re-raised by a DataLoader worker (whose message is
     "Caught X in DataLoader worker…" + the worker's traceback), the original message only."""

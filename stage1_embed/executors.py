@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
+from shared.dask_cluster import LOCAL_CLUSTER_CONFIG, dask_client  # noqa: F401 (re-exported)
 from stage1_embed.work import (
     BatchResult,
     EncodeSpec,
@@ -54,19 +55,6 @@ def run_local(spec: EncodeSpec, items: Sequence[WorkItem], on_done: OnDone) -> N
             on_done(encode_prepared(spec, prepared), len(prepared))
 
 
-# Settings for the cluster `embed run --workers N` starts (a user's own --scheduler keeps its
-# own configuration; cache_layout.md / README say which of these to set there).
-LOCAL_CLUSTER_CONFIG = {
-    # One task per one-thread worker: Dask charges a worker's death to every task the worker
-    # holds, so a batch merely queued behind a poison image would be split or failed with it.
-    "distributed.scheduler.worker-saturation": 1.0,
-    # LocalCluster closes for good a nanny whose worker has been away this long (default 15 s);
-    # restarting after a crash (torch import, model load) can take that long, and after a few
-    # crashes the cluster had no workers left and the run waited forever.
-    "distributed.deploy.lost-worker-timeout": "1 hour",
-}
-
-
 def run_dask(
     spec: EncodeSpec,
     items: Sequence[WorkItem],
@@ -84,45 +72,12 @@ def run_dask(
     one per task, and an image that alone kills its worker is committed as ``failed`` with the
     reason, so one poison image never takes the run down.
     """
-    import dask
-    from dask.distributed import Client, LocalCluster
-
-    with dask.config.set({} if scheduler else LOCAL_CLUSTER_CONFIG):
-        cluster = None
-        if scheduler:
-            client = Client(scheduler)
-        else:
-            spec = _with_threads(spec, max(1, (os.cpu_count() or 1) // workers))
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                resources={"GPU": 1} if spec.device == "cuda" else None,
-            )
-            client = Client(cluster)
-        try:
-            n_workers = len(client.scheduler_info().get("workers", {})) or workers
-            window = max_in_flight or 2 * max(1, n_workers)
-            _drain(client, spec, items, on_done, images_per_task, window)
-        finally:
-            _close_bounded(client, cluster)
-
-
-def _close_bounded(client: Any, cluster: Any, timeout: float = 30.0) -> None:
-    """Close the client and our own cluster without ever hanging the run at the end.
-
-    Everything is committed by now; a shutdown that stalls (seen after killed workers: a lock
-    error inside distributed's teardown) is logged and abandoned; worker processes are daemons
-    of this process and end with it.
-    """
-    for what, closing in (("client", client), ("cluster", cluster)):
-        if closing is None:
-            continue
-        try:
-            closing.close(timeout=timeout)
-        except Exception as exc:  # a teardown error must not fail a finished run
-            log.warning("closing the Dask %s failed (%s); continuing", what, exc)
+    if not scheduler:
+        spec = _with_threads(spec, max(1, (os.cpu_count() or 1) // workers))
+    with dask_client(workers, scheduler, gpu=spec.device == "cuda") as client:
+        n_workers = len(client.scheduler_info().get("workers", {})) or workers
+        window = max_in_flight or 2 * max(1, n_workers)
+        _drain(client, spec, items, on_done, images_per_task, window)
 
 
 def _drain(

@@ -27,5 +27,8 @@ Never builds the image encoder; meets stage 1 only through the cache format in `
 - ``labels_store``  the COCO labels file of `decoder serve`, edited by locked operations
 - ``serve_io``      request parsing and mask/image encoding of `decoder serve`
 - ``serve``         the labelling page's Starlette app (`decoder serve`; page in ``static/``)
-- ``cli``           the `decoder` typer app
+- ``sweep_config``  SweepConfig of `decoder sweep`: grid / random trials of train options
+- ``sweep_board``   a sweep's leaderboard, report, plot, best link; the median early-stop rule
+- ``sweep``         `decoder sweep`: trials as Dask tasks, resumable (trial.json per trial)
+- ``cli``           the `decoder` typer app (``cli_inference``, ``cli_sweep``: more commands)
 """

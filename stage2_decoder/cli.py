@@ -247,12 +247,13 @@ def serve(
 
 
 # Commands after training, defined in their own modules (registration only).
-from stage2_decoder import cli_inference  # noqa: E402  (declarations only: no torch)
+from stage2_decoder import cli_inference, cli_sweep  # noqa: E402  (declarations only: no torch)
 
 app.command("eval", cls=cli_support.SuggestingCommand)(cli_inference.eval_command)
 app.command("predict", cls=cli_support.SuggestingCommand)(cli_inference.predict_command)
 app.command("amg", cls=cli_support.SuggestingCommand)(cli_inference.amg_command)
 app.command("export", cls=cli_support.SuggestingCommand)(cli_inference.export_command)
+app.command("sweep", cls=cli_support.SuggestingCommand)(cli_sweep.sweep_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

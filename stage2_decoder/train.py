@@ -85,6 +85,12 @@ class Summary:
     embeddings_per_s: float = 0.0
     seconds: float = 0.0
     is_main: bool = True  # False on ranks > 0 of a distributed run (they print nothing)
+    stopped_early: bool = False  # ``should_stop`` ended the run before its last epoch
+
+
+# Asked after each validation with (epoch, its val mIoU, the best val mIoU so far); True ends
+# the run there (last.pt is saved, metrics.jsonl gets a ``{"kind": "stopped"}`` line).
+ShouldStop = Callable[[int, float, float], bool]
 
 
 def train(
@@ -93,11 +99,13 @@ def train(
     explicit: set[str] | None = None,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> Summary:
     """Run (or, with ``config.resume``, continue) a training run; see the module docstring.
 
     ``explicit``: options the user typed (for the resume warning; None: all differences).
-    ``warn`` receives one line per warning (default: ``progress.message``). Started by torchrun
+    ``warn`` receives one line per warning (default: ``progress.message``). ``should_stop``
+    (`decoder sweep`'s early stop) may end the run after a validation. Started by torchrun
     (``WORLD_SIZE`` > 1), this process is one rank of a data-parallel run; ranks > 0 report
     nothing through ``progress`` and ``warn``.
     """
@@ -107,7 +115,7 @@ def train(
         progress, warn = NoProgress(), _silent
     with dist.started(dist.device(config.device)), run_folder_lock(Path(config.out), dist):
         run = setup_run(config, explicit=explicit, warn=warn or progress.message, dist=dist)
-        return fit(run, progress)
+        return fit(run, progress, should_stop)
 
 
 def _silent(text: str) -> None:
@@ -239,8 +247,8 @@ def _named(image_ids: list[str], most: int = 8) -> str:
     return ", ".join(image_ids[:most]) + more if image_ids else "none"
 
 
-def fit(run: Run, progress: Progress) -> Summary:
-    """The training loop, from ``run.start_step`` to ``run.total_steps``."""
+def fit(run: Run, progress: Progress, should_stop: ShouldStop | None = None) -> Summary:
+    """The training loop, from ``run.start_step`` to ``run.total_steps`` (or an early stop)."""
     config, dist = run.config, run.dist
     main = dist.is_main
     settings = StepSettings(",".join(config.prompts), config.iterations, config.loss)
@@ -256,6 +264,7 @@ def fit(run: Run, progress: Progress) -> Summary:
     batches = iter(_loader(data, range(first_micro, len(data)), config, run.device))
     sink = ck.MetricSink(run.out / ck.METRICS, enabled=main)
     window, totals, last_val = _Window(), _Window(), run.last_val
+    end_step = run.total_steps
     if run.start_step and main:
         where = (
             f"epoch {start_epoch + 1} of {config.epochs}"
@@ -296,6 +305,12 @@ def fit(run: Run, progress: Progress) -> Summary:
                            reduce=dist.sum)  # fmt: skip
             last_val = _after_validation(run, sink, val, done, epoch + 1)
             progress.message(_describe_val(epoch + 1, val))
+            if done < run.total_steps and _asked_to_stop(run, should_stop, epoch + 1, val):
+                sink.write({"kind": "stopped", "step": done, "epoch": epoch + 1,
+                            "reason": "early stop"})  # fmt: skip
+                progress.message(f"stopped early after epoch {epoch + 1} (last.pt kept)")
+                end_step = done
+                break
         elif config.checkpoint_every and done % config.checkpoint_every == 0 and main:
             _save(run, ck.LAST, done, epoch)
         if window.steps == 0:  # rates of the next log line count training time only
@@ -304,11 +319,19 @@ def fit(run: Run, progress: Progress) -> Summary:
     run.check_frozen()
     rates = totals.record(dist)
     return Summary(
-        out=str(run.out), steps=run.total_steps, epochs=config.epochs,
+        out=str(run.out), steps=end_step, epochs=config.epochs,
         best_miou=run.best_metric, last_val=last_val,
         prompt_iterations_per_s=rates["prompt_it_per_s"], embeddings_per_s=rates["emb_per_s"],
         seconds=time.perf_counter() - totals.started, is_main=main,
+        stopped_early=end_step < run.total_steps,
     )  # fmt: skip
+
+
+def _asked_to_stop(run: Run, should_stop: ShouldStop | None, epoch: int, val: ValResult) -> bool:
+    """``should_stop``'s answer, decided on rank 0 and sent to every rank (they stop together)."""
+    if should_stop is None:
+        return False
+    return bool(run.dist.from_main(lambda: should_stop(epoch, val.miou, run.best_metric)))
 
 
 def _after_validation(
