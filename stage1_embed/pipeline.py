@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,6 @@ def _encode(
     summary: RunSummary,
     progress: Progress | None,
 ) -> None:
-    from stage1_embed.encoder import resolve_precision
 
     new = [source for source in plan.todo if source.image_id not in plan.rows]
     cache = open_cache(location, read_only=False)
