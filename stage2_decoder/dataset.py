@@ -226,7 +226,10 @@ class _CacheReader:
             records = [
                 {k: self.images.column(k)[entries[i][0]].as_py() for k in keys} for i in slots
             ]
-            rows = read_embedding_rows(self._cache, records, None if view == ORIGINAL else view)
+            if view == ORIGINAL:
+                rows = read_embedding_rows(self._cache, records)
+            else:
+                rows = read_embedding_rows(self._cache, records, view)
             for i, row in zip(slots, rows, strict=True):
                 out[i] = row
         return torch.from_numpy(np.stack(out)), time.perf_counter() - start
