@@ -17,6 +17,7 @@ FORMAT_VERSION = 2  # 2: rows shared by images and relabels, manifest compaction
 READABLE_VERSIONS = (1, 2)  # version 1 is read as is and upgraded in place by the next writer
 ATTRS_KEY = "samcache"  # group attributes live under this key of zarr.json
 EMBEDDINGS = "embeddings"
+VIEW_PREFIX = "embeddings_"  # + a view name (shared.views.VIEWS): the rows of that view
 MANIFEST_DIR = "manifest"
 LOCK_NAME = "embed.lock"
 MANIFEST_POINTER = "_current.json"  # inside manifest/: the compacted base, merged names, free rows
@@ -90,6 +91,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("exif_orientation", pa.int32()),  # EXIF orientation applied (1..8); null: unknown
         ("embedding_checksum", pa.string()),  # "<algo>:<hex>" of the row's bytes; null: unverified
         ("coco_image_id", pa.int64()),  # the COCO file's image id (source coco), else null
+        # views (`embed run --views`): which views this row has in ``embeddings_<view>`` (same
+        # row index) and, in the same order, the checksum of each; null: no views
+        ("views", pa.list_(pa.string())),
+        ("view_checksums", pa.list_(pa.string())),
     ]
 )
 
@@ -121,6 +126,7 @@ class CacheAttrs:
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(PREPROCESSING))
     embedding_shape: tuple[int, int, int] = EMBEDDING_SHAPE
     target_size: int = TARGET_SIZE
+    views: tuple[str, ...] = ()  # views requested so far (`embed run --views`); only grows
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -133,6 +139,7 @@ class CacheAttrs:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["embedding_shape"] = list(self.embedding_shape)
+        out["views"] = list(self.views)
         return out
 
     @classmethod
@@ -163,6 +170,7 @@ class CacheAttrs:
                 f"{where}: embedding_shape is {list(shape)}, expected {list(EMBEDDING_SHAPE)}"
             )
         known["embedding_shape"] = shape
+        known["views"] = tuple(str(v) for v in known.get("views") or ())
         return cls(**known)
 
     @property
@@ -173,6 +181,21 @@ class CacheAttrs:
 
     def describe_model(self) -> str:
         return f"{self.model_type} ({self.checkpoint_name}, sha256 {self.checkpoint_sha256[:12]}…)"
+
+
+def view_array_name(view: str) -> str:
+    """The array holding the rows of ``view`` (``embeddings_hflip``, …)."""
+    return f"{VIEW_PREFIX}{view}"
+
+
+def view_checksum(record: dict[str, Any], view: str) -> tuple[bool, str | None]:
+    """(does the manifest row have ``view``, its checksum) from ``views`` / ``view_checksums``."""
+    views = list(record.get("views") or [])
+    if view not in views:
+        return False, None
+    checksums = list(record.get("view_checksums") or [])
+    index = views.index(view)
+    return True, checksums[index] if index < len(checksums) else None
 
 
 def check_same_model(

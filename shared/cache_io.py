@@ -44,6 +44,8 @@ from shared.cache_format import (
     CacheAttrs,
     CacheDamageError,
     CacheFormatError,
+    view_array_name,
+    view_checksum,
 )
 from shared.files import atomic_write
 from shared.storage import Location, parse_location
@@ -70,6 +72,26 @@ class Cache:
     @property
     def name(self) -> str:
         return self.location.display
+
+    def array(self, name: str = EMBEDDINGS) -> zarr.Array:
+        """``embeddings`` or a view's ``embeddings_<view>`` (CacheFormatError when absent)."""
+        if name not in self.group:
+            raise CacheFormatError(
+                f"{self.name} has no '{name}' array; add the view with `embed run --images DIR "
+                f"--out {self.name} --views {name.removeprefix('embeddings_')}`"
+            )
+        array = self.group[name]
+        assert isinstance(array, zarr.Array)
+        return array
+
+    def view_array(self, view: str) -> zarr.Array:
+        return self.array(view_array_name(view))
+
+    def arrays(self) -> list[zarr.Array]:
+        """``embeddings`` and every view array the cache has (all share the row index)."""
+        return [self.embeddings] + [
+            self.view_array(v) for v in self.attrs.views if view_array_name(v) in self.group
+        ]
 
 
 def _store(location: Location, read_only: bool) -> zarr.abc.store.Store:
@@ -104,6 +126,30 @@ def create_cache(location: Location, attrs: CacheAttrs) -> Cache:
     )
     location.fs.makedirs(location.join(MANIFEST_DIR), exist_ok=True)
     return Cache(location, attrs, group)
+
+
+def ensure_view_arrays(cache: Cache, views: Sequence[str]) -> Cache:
+    """Create ``embeddings_<view>`` for ``views`` (as many rows as ``embeddings``) and record
+    the views in the attributes; the cache's views only grow. Coordinator only (holds the lock).
+    """
+    for view in views:
+        name = view_array_name(view)
+        if name not in cache.group:
+            cache.group.create_array(
+                name,
+                shape=cache.embeddings.shape,
+                chunks=(1, *EMBEDDING_SHAPE),
+                dtype=cache.attrs.dtype,
+                compressors=None,
+                fill_value=0,
+            )
+    from shared.views import parse_views
+
+    merged = parse_views([*cache.attrs.views, *views])
+    if merged != cache.attrs.views:
+        cache.attrs = replace(cache.attrs, views=merged)
+        cache.group.update_attributes({ATTRS_KEY: cache.attrs.to_dict()})
+    return cache
 
 
 def open_cache(
@@ -170,8 +216,15 @@ def grow_embeddings(cache: Cache, n_new: int) -> range:
     array = cache.embeddings
     start = array.shape[0]
     if n_new > 0:
-        array.resize((start + n_new, *EMBEDDING_SHAPE))
+        _resize_all(cache, start + n_new)
     return range(start, start + n_new)
+
+
+def _resize_all(cache: Cache, n_rows: int) -> None:
+    """Give ``embeddings`` and every view array at least ``n_rows`` rows (same row index)."""
+    for array in cache.arrays():
+        if array.shape[0] < n_rows:
+            array.resize((n_rows, *EMBEDDING_SHAPE))
 
 
 def upgrade_format(cache: Cache) -> bool:
@@ -210,26 +263,27 @@ def allocate_rows(cache: Cache, n_new: int) -> list[int]:
     named = int(used.max()) + 1 if len(used) else 0
     start = max(array.shape[0], named, max(state.free_rows, default=-1) + 1)
     rows += range(start, start + n_new - len(rows))
-    if max(rows) >= array.shape[0]:
-        array.resize((max(rows) + 1, *EMBEDDING_SHAPE))
+    _resize_all(cache, max(rows) + 1)
     return rows
 
 
 def free_rows_on_disk(cache: Cache, rows: Sequence[int]) -> None:
-    """Delete the chunks of ``rows`` (a row of fill values is not stored: zarr removes it)."""
-    array = cache.embeddings
-    zeros = np.zeros((1, *EMBEDDING_SHAPE), dtype=array.dtype)
-    for row in sorted(rows):
-        if row < array.shape[0]:
-            array[row : row + 1] = zeros
+    """Delete the chunks of ``rows`` in ``embeddings`` and every view array (a row of fill
+    values is not stored: zarr removes it)."""
+    for array in cache.arrays():
+        zeros = np.zeros((1, *EMBEDDING_SHAPE), dtype=array.dtype)
+        for row in sorted(rows):
+            if row < array.shape[0]:
+                array[row : row + 1] = zeros
 
 
-def stored_rows(cache: Cache) -> set[int]:
-    """Rows whose chunk exists in the store (unwritten and deleted rows read as the fill value)."""
-    array = cache.embeddings
+def stored_rows(cache: Cache, name: str = EMBEDDINGS) -> set[int]:
+    """Rows whose chunk exists in the store (unwritten and deleted rows read as the fill value),
+    of ``embeddings`` or of a view array ``name``."""
+    array = cache.array(name)
     key = array.metadata.encode_chunk_key((0,) * array.ndim)  # e.g. "c/0/0/0/0"
     prefix, tail = key.split("/", 1)[0], key.split("/", 2)[2]
-    root = cache.location.join(EMBEDDINGS, prefix)
+    root = cache.location.join(name, prefix)
     if cache.location.is_local:
         if not os.path.isdir(root):
             return set()
@@ -252,11 +306,12 @@ def write_embedding(array: zarr.Array, row: int, embedding: np.ndarray) -> str:
     return embedding_checksum(stored)
 
 
-def chunk_problem(cache: Cache, row: int) -> str | None:
-    """Why row ``row``'s chunk file is not a whole chunk: missing or of the wrong size."""
-    array = cache.embeddings
+def chunk_problem(cache: Cache, row: int, name: str = EMBEDDINGS) -> str | None:
+    """Why row ``row``'s chunk file (of ``embeddings`` or of the view array ``name``) is not a
+    whole chunk: missing or of the wrong size."""
+    array = cache.array(name)
     key = array.metadata.encode_chunk_key((int(row), 0, 0, 0))
-    path = cache.location.join(EMBEDDINGS, *key.split("/"))
+    path = cache.location.join(name, *key.split("/"))
     expected = int(np.prod(EMBEDDING_SHAPE)) * array.dtype.itemsize
     fs = cache.location.fs
     if not fs.exists(path):
@@ -311,10 +366,12 @@ def row_checksum_problem(embedding: np.ndarray, expected: str | None) -> str | N
     return f"checksum {found} differs from the manifest's {expected}{hint}"
 
 
-def damage_message(where: str, row: int, image_id: str | None, problem: str) -> str:
+def damage_message(
+    where: str, row: int, image_id: str | None, problem: str, what: str = "the embedding"
+) -> str:
     image = f"image {image_id!r}" if image_id else "an image"
     return (
-        f"{where}: the embedding of {image} (row {row}) is damaged: {problem}. List all damage "
+        f"{where}: {what} of {image} (row {row}) is damaged: {problem}. List all damage "
         f"with `embed verify {where}`; re-encode the damaged rows with `embed run --images DIR "
         f"--out {where} --repair`"
     )
@@ -327,6 +384,7 @@ def read_embeddings(
     checksums: Sequence[str | None] | None = None,
     image_ids: Sequence[str] | None = None,
     where: str = "the cache",
+    what: str = "the embedding",
 ) -> np.ndarray:
     """Rows as (len(rows), 256, 64, 64) in storage dtype; one chunk read per row.
 
@@ -341,7 +399,7 @@ def read_embeddings(
             problem = row_checksum_problem(out[i], checksums[i])
         if problem is not None:
             image_id = image_ids[i] if image_ids is not None else None
-            raise CacheDamageError(damage_message(where, int(row), image_id, problem))
+            raise CacheDamageError(damage_message(where, int(row), image_id, problem, what))
     return out
 
 
@@ -354,15 +412,34 @@ def read_row_into(array: zarr.Array, row: int, out: np.ndarray) -> str | None:
     return None
 
 
-def read_embedding_rows(cache: Cache, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+def read_embedding_rows(
+    cache: Cache, records: Sequence[Mapping[str, Any]], view: str | None = None
+) -> np.ndarray:
     """The verified embeddings of manifest records (``row``, ``image_id``,
-    ``embedding_checksum``): the one read path of stage 2 (training, eval, predict, amg)."""
+    ``embedding_checksum``): the one read path of stage 2 (training, eval, predict, amg).
+
+    ``view`` (``hflip``, …; None: the image itself): the rows of ``embeddings_<view>``, each
+    verified against its checksum in ``view_checksums``; a record without the view is refused.
+    """
+    if view is None:
+        array, checksums = cache.embeddings, [r.get("embedding_checksum") for r in records]
+    else:
+        array, checksums = cache.view_array(view), []
+        for record in records:
+            has, checksum = view_checksum(dict(record), view)
+            if not has:
+                raise CacheFormatError(
+                    f"{cache.name}: image {record['image_id']!r} has no {view} view; add it "
+                    f"with `embed run --images DIR --out {cache.name} --views {view}`"
+                )
+            checksums.append(checksum)
     return read_embeddings(
-        cache.embeddings,
+        array,
         [int(r["row"]) for r in records],
-        checksums=[r.get("embedding_checksum") for r in records],
+        checksums=checksums,
         image_ids=[str(r["image_id"]) for r in records],
         where=cache.name,
+        what="the embedding" if view is None else f"the {view} view",
     )
 
 

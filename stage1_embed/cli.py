@@ -98,6 +98,14 @@ def run(
         bool,
         typer.Option(help="Re-encode the images `embed verify` finds damaged (into their rows)."),
     ] = False,
+    views: Annotated[
+        str,
+        typer.Option(
+            help="Augmented views to store too, encoded once each: comma list of hflip, vflip, "
+            "rot90 (rot90 = counter-clockwise). On an existing cache only missing views are "
+            "encoded; the cache keeps every view asked so far."
+        ),
+    ] = "",
 ) -> None:
     """Encode every image of IMAGES once into the cache OUT (resumable; never encodes twice)."""
     from stage1_embed.config import EmbedConfig
@@ -122,6 +130,7 @@ def run(
             max_pixels=max_pixels,
             download=download,
             repair=repair,
+            views=views,
         )
         with progress_bar() as update:
             summary = run_embed(config, progress=update)
@@ -145,6 +154,11 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
         + ("" if summary.model_loaded else " (nothing to encode: model not loaded)"),
         highlight=False,
     )
+    if summary.views:
+        out.print(
+            f"  views {','.join(summary.views)}: added to {summary.views_added} cached image(s)",
+            highlight=False,
+        )
     for image_id, note in summary.notes[:20]:
         out.print(f"  note {image_id}: {note}", highlight=False, soft_wrap=True)
     for image_id, reason in summary.failed[:20]:

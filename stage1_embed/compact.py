@@ -4,7 +4,8 @@ The steps and why a ``kill -9`` at any moment is safe are in cache_layout.md "Co
 new manifest is written under a new name, then ``manifest/_current.json`` is replaced in one
 step (the switch); only after the switch are the merged files and the chunks of freed rows
 deleted. Winning rows keep their ``row`` and their bytes: nothing in use is moved or rewritten.
-Freed rows go to the pointer's ``free_rows``, which the next `embed run` reuses first.
+Freed rows go to the pointer's ``free_rows``, which the next `embed run` reuses first. The view
+arrays (``embeddings_<view>``) share the row index: a freed row is freed in each of them too.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def compact_cache(target: str, progress: Progress | None = None) -> CompactSumma
         write_manifest_state(location, replace(new_state, merged=()))
         step("pointer", 1, 1)
 
-        doomed = sorted(set(free) & stored_rows(cache))
+        stored = set().union(*(stored_rows(cache, a.basename) for a in cache.arrays()))
+        doomed = sorted(set(free) & stored)  # a row's view rows are freed with it
         for i, row in enumerate(doomed, start=1):
             free_rows_on_disk(cache, [row])
             step("free", i, len(doomed))

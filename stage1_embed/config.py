@@ -53,8 +53,15 @@ class EmbedConfig:
     max_pixels: int = 500_000_000
     download: bool = True
     repair: bool = False  # re-encode the rows `embed verify` finds damaged
+    views: tuple[str, ...] = ()  # augmented views to store too (shared.views.VIEWS)
 
     def __post_init__(self) -> None:
+        from shared.views import ViewError, parse_views
+
+        try:
+            object.__setattr__(self, "views", parse_views(self.views))
+        except ViewError as exc:
+            raise ConfigError(str(exc)) from None
         _choice("model_type", self.model_type, MODEL_TYPES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
@@ -72,7 +79,9 @@ class EmbedConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["views"] = list(self.views)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbedConfig:

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from shared.cache_format import (
@@ -33,7 +37,11 @@ from shared.cache_format import (
 from shared.cache_io import (
     allocate_rows,
     cache_exists,
+    commit_fragment,
     create_cache,
+    ensure_view_arrays,
+    manifest_table,
+    ok_rows,
     open_cache,
     remove_stale_temps,
     upgrade_format,
@@ -48,7 +56,7 @@ from stage1_embed.executors import run_dask, run_local
 from stage1_embed.relabel import Key, ManifestIndex, Relabel, commit_relabels, manifest_records
 from stage1_embed.sources import ImageSource, plan_sources
 from stage1_embed.verify import SHARED_ROW, Damage, verify_cache
-from stage1_embed.work import BatchResult, EncodeSpec, WorkItem
+from stage1_embed.work import BatchResult, EncodeSpec, WorkItem, with_views
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -86,6 +94,8 @@ class RunSummary:
     model_loaded: bool = False
     repaired: int = 0
     unrepaired: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
+    views: tuple[str, ...] = ()  # the cache's views: every image encoded gets all of them
+    views_added: int = 0  # images already cached whose missing views were encoded now
 
     @property
     def images_per_second(self) -> float:
@@ -186,7 +196,7 @@ def _open_or_create(location: Location, config: EmbedConfig, ckpt: Path, sha: st
                 f"{config.dtype} was given. Drop --dtype or write a new cache with --out."
             )
         upgrade_format(cache)  # a version-1 cache becomes version 2 (cache_layout.md)
-        return cache.attrs
+        return ensure_view_arrays(cache, config.views).attrs
     attrs = CacheAttrs(
         model_type=config.model_type,
         checkpoint_sha256=sha,
@@ -196,8 +206,7 @@ def _open_or_create(location: Location, config: EmbedConfig, ckpt: Path, sha: st
         created_at=utc_now(),
         embed_config=config.to_dict(),
     )
-    create_cache(location, attrs)
-    return attrs
+    return ensure_view_arrays(create_cache(location, attrs), config.views).attrs
 
 
 def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSummary:
@@ -220,11 +229,11 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSumma
     _refuse_out_in_images(location, Path(config.images))
     _ensure_writable(location)
     with CacheLock(location, LOCK_NAME):
-        _open_or_create(location, config, checkpoint, checkpoint_sha)
+        views = _open_or_create(location, config, checkpoint, checkpoint_sha).views
         remove_stale_temps(location)
         damaged = verify_cache(location.display).damaged if config.repair else []
         plan = make_plan(location, sources, hash_sources(sources, progress), damaged)
-        summary = RunSummary(location.display, plan.total, plan.cached)
+        summary = RunSummary(location.display, plan.total, plan.cached, views=views)
         planned = {s.image_id for s in plan.todo}
         summary.repaired = sum(d.image_id in planned for d in damaged)
         summary.unrepaired = [
@@ -244,6 +253,15 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> RunSumma
                 summary.model_loaded = True
                 again.todo += again.duplicates
                 _encode(config, location, checkpoint, checkpoint_sha, again, summary, progress)
+        if views:  # images cached before (or relabelled onto rows) without some of the views
+            items, direct = plan_views(location, sources, plan.hashes, views)
+            if direct:
+                commit_fragment(location, manifest_table(direct))
+            summary.views_added += len(direct)
+            if items:
+                summary.model_loaded = True
+                spec = _spec(config, location, checkpoint, checkpoint_sha, [i.row for i in items])
+                _execute(config, spec, items, summary, progress, "adding views")
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -265,13 +283,24 @@ def _encode(
     summary: RunSummary,
     progress: Progress | None,
 ) -> None:
+
+    new = [source for source in plan.todo if source.image_id not in plan.rows]
+    cache = open_cache(location, read_only=False)
+    fresh = iter(allocate_rows(cache, len(new)))
+    rows = [plan.rows[s.image_id] if s.image_id in plan.rows else next(fresh) for s in plan.todo]
+    spec = _spec(config, location, checkpoint, checkpoint_sha, rows)
+    views = cache.attrs.views
+    items = [WorkItem(source, row, views) for source, row in zip(plan.todo, rows, strict=True)]
+    _execute(config, spec, items, summary, progress, "encoding")
+
+
+def _spec(
+    config: EmbedConfig, location: Location, checkpoint: Path, checkpoint_sha: str, rows: list[int]
+) -> EncodeSpec:
     from stage1_embed.encoder import resolve_precision
 
     device = resolve_device(config.device)
-    new = [source for source in plan.todo if source.image_id not in plan.rows]
-    fresh = iter(allocate_rows(open_cache(location, read_only=False), len(new)))
-    rows = [plan.rows[s.image_id] if s.image_id in plan.rows else next(fresh) for s in plan.todo]
-    spec = EncodeSpec(
+    return EncodeSpec(
         cache=location.display if not location.is_local else location.path,
         model_type=config.model_type,
         checkpoint=str(checkpoint),
@@ -282,7 +311,17 @@ def _encode(
         max_pixels=config.max_pixels,
         n_rows=max(int(open_cache(location).embeddings.shape[0]), max(rows) + 1),
     )
-    items = [WorkItem(source, row) for source, row in zip(plan.todo, rows, strict=True)]
+
+
+def _execute(
+    config: EmbedConfig,
+    spec: EncodeSpec,
+    items: list[WorkItem],
+    summary: RunSummary,
+    progress: Progress | None,
+    phase: str,
+) -> None:
+    """Run ``items`` here or on Dask; count what they did in ``summary``."""
     done = 0
     encode_started = time.perf_counter()
 
@@ -290,10 +329,11 @@ def _encode(
         nonlocal done
         done += n_images
         summary.encoded += result.ok
+        summary.views_added += result.views_added
         summary.failed.extend(result.failed)
         summary.notes.extend(result.notes)
         if progress is not None:
-            progress("encoding", done, len(items))
+            progress(phase, done, len(items))
 
     if config.workers == 1 and not config.scheduler:
         run_local(spec, items, on_done)
@@ -306,7 +346,56 @@ def _encode(
             scheduler=config.scheduler,
             images_per_task=_images_per_task(len(items), spec.batch_size, config.workers),
         )
-    summary.seconds_encoding = time.perf_counter() - encode_started
+    summary.seconds_encoding += time.perf_counter() - encode_started
+
+
+VIEW_PLAN_COLUMNS = ["image_id", "row", "sha256", "views", "view_checksums"]
+
+
+def plan_views(
+    location: Location,
+    sources: Sequence[ImageSource],
+    hashes: dict[str, tuple[str, str]],
+    views: tuple[str, ...],
+) -> tuple[list[WorkItem], list[dict[str, Any]]]:
+    """What adding ``views`` to the images of this run takes (cache_layout.md "Views").
+
+    Returns (items that encode the views a row lacks, manifest rows to commit as they are: an
+    image whose row another image of the same bytes has the views of already). Only winning
+    ``ok`` rows whose bytes are the file's now are completed; the original is never re-encoded.
+    """
+    by_id = {s.image_id: s for s in sources}
+    small = ok_rows(location, VIEW_PLAN_COLUMNS).to_pylist()
+    lacking = {
+        r["image_id"]
+        for r in small
+        if r["image_id"] in by_id
+        and r["row"] >= 0
+        and hashes.get(r["image_id"], ("",))[0] == r["sha256"]
+        and set(views) - set(r["views"] or [])
+    }
+    if not lacking:
+        return [], []
+    table = ok_rows(location)
+    table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(lacking))))
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in small:  # every image of those bytes on that row: views already stored
+        groups[(int(record["row"]), record["sha256"])].append(record)
+    items, direct = [], []
+    todo: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in table.to_pylist():
+        todo[(int(record["row"]), record["sha256"])].append(record)
+    for key, records in sorted(todo.items()):
+        known = {}
+        for other in groups[key]:
+            known.update(zip(other["views"] or [], other["view_checksums"] or [], strict=True))
+        filled = [{**r, **with_views(r, known)} for r in records]
+        need = tuple(v for v in views if v not in known)
+        if need:
+            items.append(WorkItem(by_id[records[0]["image_id"]], key[0], need, tuple(filled)))
+        else:
+            direct += filled
+    return items, direct
 
 
 def _images_per_task(n_images: int, batch_size: int, workers: int) -> int:

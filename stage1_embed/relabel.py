@@ -46,7 +46,7 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 EMBEDDING_COLUMNS = [
     "image_id", "row", "path", "sha256", "annotation_sha256", "status", "committed_ns",
     "original_height", "original_width", "input_height", "input_width", "precision",
-    "exif_orientation", "embedding_checksum", "split", "splits",
+    "exif_orientation", "embedding_checksum", "split", "splits", "views", "view_checksums",
 ]  # fmt: skip
 COMMIT_EVERY = 256  # relabel rows per manifest fragment
 
@@ -172,6 +172,8 @@ def relabel_row(item: Relabel, image_present: bool = False) -> dict[str, Any]:
         "precision": emb["precision"],
         "exif_orientation": loaded.exif_orientation,
         "embedding_checksum": emb.get("embedding_checksum"),
+        "views": emb.get("views"),  # the views of the shared row come with it
+        "view_checksums": emb.get("view_checksums"),
     }
 
 

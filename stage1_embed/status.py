@@ -27,7 +27,7 @@ from shared.cache_io import (
 from shared.storage import parse_location
 
 COLUMNS = ["image_id", "committed_ns", "row", "status", "error", "n_objects", "has_masks", "split",
-           "embedding_checksum"]  # fmt: skip
+           "embedding_checksum", "views"]  # fmt: skip
 COMPACT_FILES = 64  # more manifest files than this: reading them costs more than one file
 
 
@@ -55,6 +55,7 @@ class CacheStatus:
     stray: list[str] = field(default_factory=list)  # files in manifest/ that readers ignore
     unverified: int = 0  # ok rows without an embedding checksum (written before checksums)
     bad_chunks: list[str] = field(default_factory=list)  # ok images whose chunk is missing/torn
+    views: dict[str, int] = field(default_factory=dict)  # view → ok images that have it
 
     @property
     def unused_rows(self) -> int:
@@ -114,7 +115,17 @@ def cache_status(target: str) -> CacheStatus:
         bad_chunks=_bad_chunks(cache, ok.select(["image_id", "row"]).to_pylist())
         if location.is_local
         else [],
+        views=_view_counts(cache.attrs.views, ok.column("views").to_pylist()),
     )
+
+
+def _view_counts(requested: tuple[str, ...], per_image: list[list[str] | None]) -> dict[str, int]:
+    """view → number of ok images that have it (every view the cache was asked for)."""
+    counts = dict.fromkeys(requested, 0)
+    for views in per_image:
+        for view in views or []:
+            counts[view] = counts.get(view, 0) + 1
+    return counts
 
 
 def _bad_chunks(cache, rows: list[dict]) -> list[str]:  # noqa: ANN001 - Cache
@@ -152,6 +163,9 @@ def format_status(status: CacheStatus, max_failures: int = 20) -> str:
         f"splits: {splits}",
         f"on disk      {_size(status.bytes_on_disk)} ({_size(per_image)} per ok image)",
     ]
+    if status.views:
+        counts = ", ".join(f"{v} {n}/{status.ok}" for v, n in status.views.items())
+        lines.append(f"views        {counts} ok images (`embed run --views` adds missing ones)")
     if status.compaction_pays:
         lines.append(
             f"compact      `embed compact {status.cache}` would free {status.reclaimable_rows} "

@@ -4,7 +4,9 @@ For every winning ``ok`` row: the row lies inside ``embeddings``, its chunk file
 the size of one chunk, and its bytes match the manifest's ``embedding_checksum`` (rows written
 before checksums existed are counted as *unverified*). Also: rows that winning rows of images
 with *different* bytes claim (identical images may share a row), and stray files in
-``manifest/`` (readers ignore them). ``embed run --repair`` re-encodes the damaged images.
+``manifest/`` (readers ignore them). Each view a row has (``views``) is checked the same way in
+``embeddings_<view>`` against ``view_checksums``. ``embed run --repair`` re-encodes the damaged
+images (with every view of the cache).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.cache_format import EMBEDDING_SHAPE
+from shared.cache_format import EMBEDDING_SHAPE, EMBEDDINGS, view_array_name
 from shared.cache_io import (
     Cache,
     chunk_problem,
@@ -48,6 +50,7 @@ class VerifyReport:
     rows_allocated: int
     rows_needed: int
     checked: int = 0
+    views_checked: int = 0  # view rows checked (one per view of each ok image)
     unverified: int = 0
     damaged: list[Damage] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)
@@ -65,12 +68,20 @@ def verify_cache(target: str, progress: Progress | None = None) -> VerifyReport:
         location.display, int(cache.embeddings.shape[0]), manifest_rows_needed(location)
     )
     report.stray = manifest_files(location)[1]
-    records = ok_rows(location, ["image_id", "row", "sha256", "embedding_checksum"]).to_pylist()
+    columns = ["image_id", "row", "sha256", "embedding_checksum", "views", "view_checksums"]
+    records = ok_rows(location, columns).to_pylist()
     report.damaged.extend(_shared_rows(records))
     for i, record in enumerate(records, start=1):
         problem = _row_problem(cache, record, report.rows_allocated)
         if problem is not None:
             report.damaged.append(Damage(record["image_id"], int(record["row"]), problem))
+        views = zip(record["views"] or [], record["view_checksums"] or [], strict=False)
+        for view, checksum in views:
+            problem = _row_problem(cache, record, report.rows_allocated, view, checksum)
+            if problem is not None:
+                problem = f"its {view} view: {problem}"
+                report.damaged.append(Damage(record["image_id"], int(record["row"]), problem))
+            report.views_checked += 1
         report.checked += 1
         report.unverified += not record["embedding_checksum"]
         if progress is not None and (i % 16 == 0 or i == len(records)):
@@ -94,23 +105,36 @@ def _shared_rows(records: list[dict]) -> list[Damage]:
     return damaged
 
 
-def _row_problem(cache: Cache, record: dict, rows_allocated: int) -> str | None:
+def _row_problem(
+    cache: Cache,
+    record: dict,
+    rows_allocated: int,
+    view: str | None = None,
+    checksum: str | None = None,
+) -> str | None:
+    """What is wrong with the record's row of ``embeddings`` (or of ``embeddings_<view>``)."""
     row = int(record["row"])
-    if not 0 <= row < rows_allocated:
-        return f"row {row} is outside embeddings ({rows_allocated} rows)"
-    problem = chunk_problem(cache, row)
+    name = EMBEDDINGS if view is None else view_array_name(view)
+    if name not in cache.group:
+        return f"the cache has no {name} array"
+    array = cache.array(name)
+    if not 0 <= row < min(rows_allocated, array.shape[0]):
+        return f"row {row} is outside {name} ({array.shape[0]} rows)"
+    problem = chunk_problem(cache, row, name)
     if problem is not None:
         return problem
-    embedding = np.empty(EMBEDDING_SHAPE, dtype=cache.embeddings.dtype)
-    problem = read_row_into(cache.embeddings, row, embedding)
-    return problem or row_checksum_problem(embedding, record["embedding_checksum"])
+    embedding = np.empty(EMBEDDING_SHAPE, dtype=array.dtype)
+    problem = read_row_into(array, row, embedding)
+    expected = record["embedding_checksum"] if view is None else checksum
+    return problem or row_checksum_problem(embedding, expected)
 
 
 def format_report(report: VerifyReport, max_listed: int = 50) -> str:
     lines = [
         f"cache        {report.cache}",
         f"checked      {report.checked} ok images ({report.unverified} without a checksum: "
-        "written before checksums, unverified)",
+        "written before checksums, unverified)"
+        + (f" and {report.views_checked} view rows" if report.views_checked else ""),
     ]
     if report.rows_allocated < report.rows_needed:
         lines.append(

@@ -20,6 +20,7 @@ from shared.cache_format import STATUS_FAILED, STATUS_OK
 from shared.cache_io import commit_fragment, manifest_table, open_cache, write_embedding
 from shared.storage import parse_location
 from shared.transforms import prepare_image
+from shared.views import apply_view
 from stage1_embed.annotations import AnnotationError, annotation_fingerprint, load_annotations
 from stage1_embed.images import ImageReadError, read_image
 from stage1_embed.sources import ImageSource, storable
@@ -43,8 +44,15 @@ class EncodeSpec:
 
 @dataclass(frozen=True)
 class WorkItem:
+    """Encode ``source`` into ``row`` of ``embeddings`` and of ``embeddings_<view>`` for each
+    of ``views``. With ``keep`` (manifest rows that name ``row``, all of these bytes) only the
+    views are encoded: the original row is in the cache already, and each kept row is committed
+    again with the new views added (cache_layout.md "Views")."""
+
     source: ImageSource
     row: int
+    views: tuple[str, ...] = ()
+    keep: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -53,6 +61,7 @@ class BatchResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
     notes: list[tuple[str, str]] = field(default_factory=list)  # ok images: skipped annotations
     seconds_encoding: float = 0.0
+    views_added: int = 0  # manifest rows of cached images committed with new views
 
 
 @dataclass
@@ -68,6 +77,8 @@ class Prepared:
     error: str | None = None
     exif_orientation: int | None = None
     checksum: str | None = None  # of the stored row (manifest ``embedding_checksum``)
+    view_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # encoder inputs
+    view_checksums: dict[str, str] = field(default_factory=dict)  # of the stored view rows
 
 
 _PROCESS_STATE: dict[tuple[Any, ...], Any] = {}
@@ -123,17 +134,19 @@ def _device_for(device: str, worker: Any) -> str:
     return f"cuda:{index % torch.cuda.device_count()}"
 
 
-def _embeddings_array(spec: EncodeSpec) -> Any:
-    """This process's handle on ``embeddings``, reopened when the coordinator has grown it.
+def _embeddings_array(spec: EncodeSpec, view: str | None = None) -> Any:
+    """This process's handle on ``embeddings`` (or ``embeddings_<view>``), reopened when the
+    coordinator has grown it.
 
     A handle caches the array's shape; one opened before the coordinator's resize would refuse
     the new rows (zarr never re-reads ``zarr.json`` by itself).
     """
-    key = ("array", spec.cache)
+    key = ("array", spec.cache, view)
     with _STATE_LOCK:
         array = _PROCESS_STATE.get(key)
         if array is None or array.shape[0] < spec.n_rows:
-            array = open_cache(parse_location(spec.cache), read_only=False).embeddings
+            cache = open_cache(parse_location(spec.cache), read_only=False)
+            array = cache.embeddings if view is None else cache.view_array(view)
             _PROCESS_STATE[key] = array
         return array
 
@@ -151,14 +164,20 @@ def prepare(item: WorkItem, max_pixels: int) -> Prepared:
         loaded = read_image(item.source.path, max_pixels=max_pixels)
         prepared.sha256, prepared.original_size = loaded.sha256, loaded.original_size
         prepared.exif_orientation = loaded.exif_orientation
+        for view in item.views:  # each view is preprocessed like an image of its own
+            prepared.view_tensors[view] = prepare_image(apply_view(view, loaded.rgb))[0]
+        if item.keep:  # views only: the original row and its objects are in the cache
+            if loaded.sha256 != item.keep[0]["sha256"]:
+                raise ImageReadError("its bytes changed during the run; run `embed run` again")
+            return prepared
         prepared.tensor, prepared.input_size = prepare_image(loaded.rgb)
         prepared.annotations = load_annotations(item.source, loaded, prepared.input_size)
     except (ImageReadError, AnnotationError) as exc:
         prepared.error = str(exc)
-        prepared.tensor = None
+        prepared.tensor, prepared.view_tensors = None, {}
     except Exception as exc:  # one bad input never stops a run: it fails with the reason
         prepared.error = f"cannot be processed: {type(exc).__name__}: {exc}"[:500]
-        prepared.tensor = None
+        prepared.tensor, prepared.view_tensors = None, {}
     return prepared
 
 
@@ -196,35 +215,78 @@ def _row(prepared: Prepared, precision: str) -> dict[str, Any]:
         "exif_orientation": prepared.exif_orientation,
         "embedding_checksum": prepared.checksum if ok else None,
         "coco_image_id": source.coco.coco_image_id if source.coco is not None else None,
+        **with_views({}, prepared.view_checksums if ok else {}),
     }
+
+
+def with_views(record: dict[str, Any], new: dict[str, str]) -> dict[str, Any]:
+    """``views`` / ``view_checksums`` of ``record`` with the views of ``new`` added (or
+    replaced), in canonical order; both null when there is no view."""
+    from shared.views import VIEWS
+
+    have = dict(zip(record.get("views") or [], record.get("view_checksums") or [], strict=False))
+    have.update(new)
+    views = [v for v in VIEWS if v in have]
+    return {"views": views or None, "view_checksums": [have[v] for v in views] or None}
+
+
+def _kept_rows(prepared: Prepared) -> list[dict[str, Any]]:
+    """The manifest rows of a views-only item: its kept rows with the new views added."""
+    return [{**r, **with_views(r, prepared.view_checksums)} for r in prepared.item.keep]
 
 
 def encode_prepared(spec: EncodeSpec, prepared: list[Prepared]) -> BatchResult:
     """Encode the readable images, write their rows, then commit one fragment for all."""
     result = BatchResult()
     good = [p for p in prepared if p.error is None]
-    array = _embeddings_array(spec) if good else None
     started = time.perf_counter()
     step = max(1, spec.batch_size)
     for start in range(0, len(good), step):
         chunk = good[start : start + step]
-        batch = torch.stack([p.tensor for p in chunk])  # type: ignore[misc]
-        embeddings = _runner(spec).encode(batch).numpy()
-        for p, embedding in zip(chunk, embeddings, strict=True):
-            p.checksum = write_embedding(array, p.item.row, embedding)  # type: ignore[arg-type]
-            p.tensor = None
+        _encode_into(spec, [p for p in chunk if p.tensor is not None], None)
+        for view in sorted({v for p in chunk for v in p.view_tensors}):
+            _encode_into(spec, [p for p in chunk if view in p.view_tensors], view)
     result.seconds_encoding = time.perf_counter() - started
-    table = manifest_table([_row(p, spec.precision) for p in prepared])
-    commit_fragment(parse_location(spec.cache), table)
-    result.ok = len(good)
-    result.failed = [(p.item.source.image_id, p.error or "") for p in prepared if p.error]
-    result.notes = [
+    rows = [_row(p, spec.precision) for p in prepared if not p.item.keep]
+    rows += [row for p in good if p.item.keep for row in _kept_rows(p)]
+    if rows:
+        commit_fragment(parse_location(spec.cache), manifest_table(rows))
+    result.ok = sum(not p.item.keep for p in good)
+    result.views_added = sum(len(p.item.keep) for p in good)
+    result.failed = [
+        (p.item.source.image_id, p.error or "") for p in prepared if p.error and not p.item.keep
+    ]
+    result.notes += [
+        (p.item.source.image_id, f"views not added: {p.error}")
+        for p in prepared
+        if p.error and p.item.keep
+    ]
+    result.notes += [
         (p.item.source.image_id, note)
         for p in good
         if p.annotations is not None
         for note in p.annotations.notes
     ]
     return result
+
+
+def _encode_into(spec: EncodeSpec, chunk: list[Prepared], view: str | None) -> None:
+    """Encode the images (``view`` None) or one view of ``chunk`` and write their rows."""
+    if not chunk:
+        return
+    array = _embeddings_array(spec, view)
+    if view is None:
+        batch = torch.stack([p.tensor for p in chunk])  # type: ignore[misc]
+    else:
+        batch = torch.stack([p.view_tensors[view] for p in chunk])
+    embeddings = _runner(spec).encode(batch).numpy()
+    for p, embedding in zip(chunk, embeddings, strict=True):
+        checksum = write_embedding(array, p.item.row, embedding)
+        if view is None:
+            p.checksum, p.tensor = checksum, None
+        else:
+            p.view_checksums[view] = checksum
+            del p.view_tensors[view]
 
 
 def encode_batch(spec: EncodeSpec, items: list[WorkItem]) -> BatchResult:

@@ -4,6 +4,7 @@ Never builds the image encoder; meets stage 1 only through the cache format in `
 
 - ``config``        TrainConfig, the frozen config of `decoder train` (stored in checkpoints)
 - ``dataset``       the cache's splits and deterministic per-step object batches (DataLoader)
+- ``view_targets``  pure: an object's target, void region and box in a stored view
 - ``prompts``       pure: points, noisy boxes, error-region clicks, RITM evaluation clicks
 - ``model``         PromptableDecoder: Meta's prompt encoder + mask decoder, batched over objects
 - ``losses``        pure: focal/BCE + dice + IoU-head MSE, lowest-loss mask of multimask outputs

@@ -166,6 +166,14 @@ def train(
         bool,
         typer.Option(help="Train on a cache an `embed run` is still writing (its images so far)."),
     ] = False,
+    views: Annotated[
+        str,
+        typer.Option(
+            help="Stored views (`embed run --views`) to train on too, e.g. hflip,vflip,rot90: "
+            "each object is seen in the original or one of them, drawn uniformly per step. "
+            "Validation stays on the originals."
+        ),
+    ] = "",
 ) -> None:
     """Fine-tune the mask decoder on the cache's objects; validate and checkpoint every epoch."""
     from stage2_decoder.config import TrainConfig  # light: bad options fail before torch loads
@@ -180,7 +188,7 @@ def train(
             train_prompt_encoder=train_prompt_encoder, val_fraction=val_fraction, seed=seed,
             checkpoint=str(checkpoint) if checkpoint else None, device=device,
             num_workers=num_workers, log_every=log_every, checkpoint_every=checkpoint_every,
-            resume=resume, allow_partial_cache=allow_partial_cache,
+            resume=resume, allow_partial_cache=allow_partial_cache, views=views,
         )  # fmt: skip
         from stage2_decoder.train import train as run_training
 

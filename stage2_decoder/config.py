@@ -65,6 +65,15 @@ def parse_prompts(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(kind for kind in PROMPT_KINDS if kind in kinds)  # canonical order
 
 
+def _parse_views(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    from shared.views import ViewError, parse_views
+
+    try:
+        return parse_views(text)
+    except ViewError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of `decoder train`; defaults are the documented recipe (see README / train.py).
@@ -99,9 +108,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     allow_partial_cache: bool = False  # train while an `embed run` still writes the cache
+    views: tuple[str, ...] = ()  # stored views each object may be seen in (() : originals only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", parse_prompts(self.prompts))
+        object.__setattr__(self, "views", _parse_views(self.views))
         for name in ("epochs", "iterations", "images_per_step", "objects_per_image", "grad_accum"):
             _at_least(name, getattr(self, name), 1)
         for name in ("num_workers", "checkpoint_every"):
@@ -127,6 +138,7 @@ class TrainConfig:
         """JSON-able dict (tuples become lists)."""
         data = dataclasses.asdict(self)
         data["prompts"] = list(self.prompts)
+        data["views"] = list(self.views)
         return data
 
     @classmethod

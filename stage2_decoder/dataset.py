@@ -12,7 +12,10 @@ columns (Arrow, shared copy-on-write by forked workers) stay in memory; embeddin
 batch, so memory does not grow with the cache.
 
 Frames: targets and valid masks are in the 256 target frame, ``boxes_1024`` XYXY in the 1024
-frame, ``masks_orig`` in the original frame (see cache_layout.md).
+frame, ``masks_orig`` in the original frame (see cache_layout.md). With ``views`` (training only)
+each object is seen in one view of its image drawn per step from ``(seed, epoch, image)``: the
+original or a stored view; its embedding, sizes and frames are then the view's
+(``stage2_decoder.view_targets``), and ``image_embeddings`` holds one row per (image, view) used.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from pycocotools import mask as mask_utils
 from shared.cache_format import TARGET_SIZE
 from shared.cache_io import ok_rows, open_cache, read_embedding_rows
 from shared.transforms import boxes_to_1024, target_valid_size
+from shared.views import ORIGINAL
+from stage2_decoder import view_targets
 
 COLUMNS = [
     "image_id", "row", "original_height", "original_width", "input_height", "input_width",
     "split", "has_masks", "n_objects", "objects", "ignore_rle", "ignore_target_rle",
-    "embedding_checksum",
+    "embedding_checksum", "views", "view_checksums",
 ]  # fmt: skip
-STREAM_SPLIT, STREAM_ORDER, STREAM_OBJECTS, STREAM_PROMPTS = 1, 2, 3, 4
+STREAM_SPLIT, STREAM_ORDER, STREAM_OBJECTS, STREAM_PROMPTS, STREAM_VIEWS = 1, 2, 3, 4, 5
 EMPTY_TARGET_RLE = mask_utils.encode(np.zeros((TARGET_SIZE, TARGET_SIZE), np.uint8, order="F"))[
     "counts"
 ].decode("ascii")
@@ -204,13 +209,30 @@ class _CacheReader:
     def embeddings(self, positions: list[int]) -> tuple[torch.Tensor, float]:
         """Rows of ``positions``, each verified against its manifest checksum (a damaged row
         raises ``CacheDamageError`` naming the image and the repair; never trained on)."""
+        return self.view_embeddings([(p, ORIGINAL) for p in positions])
+
+    def view_embeddings(self, entries: list[tuple[int, str]]) -> tuple[torch.Tensor, float]:
+        """Rows of (position, view) ``entries`` in that order, from ``embeddings`` or
+        ``embeddings_<view>``, each verified (``read_embedding_rows``)."""
         if self._cache is None or self._pid != os.getpid():
             self._cache, self._pid = open_cache(self.cache_path), os.getpid()
-        keys = ["row", "image_id", "embedding_checksum"]
-        records = [{k: self.images.column(k)[p].as_py() for k in keys} for p in positions]
+        keys = ["row", "image_id", "embedding_checksum", "views", "view_checksums"]
+        if not entries:
+            return torch.from_numpy(read_embedding_rows(self._cache, [])), 0.0
         start = time.perf_counter()
-        array = read_embedding_rows(self._cache, records)
-        return torch.from_numpy(array), time.perf_counter() - start
+        out: list[np.ndarray | None] = [None] * len(entries)
+        for view in dict.fromkeys(v for _, v in entries):
+            slots = [i for i, (_, v) in enumerate(entries) if v == view]
+            records = [
+                {k: self.images.column(k)[entries[i][0]].as_py() for k in keys} for i in slots
+            ]
+            if view == ORIGINAL:
+                rows = read_embedding_rows(self._cache, records)
+            else:
+                rows = read_embedding_rows(self._cache, records, view)
+            for i, row in zip(slots, rows, strict=True):
+                out[i] = row
+        return torch.from_numpy(np.stack(out)), time.perf_counter() - start
 
     def image(self, position: int) -> dict:
         return self.images.slice(position, 1).to_pylist()[0]
@@ -257,10 +279,12 @@ class TrainBatches(torch.utils.data.Dataset):
     def __init__(
         self, cache_path: str, images: pa.Table, *, images_per_step: int,
         objects_per_image: int, seed: int, epochs: int, rank: int = 0, world_size: int = 1,
+        views: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         self.reader = _CacheReader(cache_path, images)
         self.images_per_step, self.objects_per_image = images_per_step, objects_per_image
         self.seed, self.epochs, self.rank, self.world_size = seed, epochs, rank, world_size
+        self.views = tuple(views)  # stored views objects may be seen in (() : originals only)
         self.per_epoch = math.ceil(images.num_rows / images_per_step)
         self.trainable = _object_counts(self.reader.images)[1]  # per image
         self._order: tuple[int, np.ndarray] | None = None
@@ -285,6 +309,12 @@ class TrainBatches(torch.utils.data.Dataset):
         """Positions of this rank's images of a micro-batch."""
         return [int(p) for p in self.micro_batch(epoch, micro)[self.rank :: self.world_size]]
 
+    def view_choices(self, record: dict) -> tuple[str, ...]:
+        """The views one object of ``record`` is drawn from: the original, then each view
+        asked for (``views``) that the image's row has, in canonical order."""
+        have = set(record.get("views") or ())
+        return (ORIGINAL, *(v for v in self.views if v in have))
+
     def __getitem__(self, index: int) -> ObjectBatch:
         epoch, micro = divmod(int(index), self.per_epoch)
         chosen = self.micro_batch(epoch, micro)
@@ -292,33 +322,70 @@ class TrainBatches(torch.utils.data.Dataset):
         first_row = np.concatenate([[0], np.cumsum(counts)])  # of each image, all ranks
         parts: dict[str, list] = {"image_index": [], "targets": [], "valid": [], "boxes": []}
         rows: list[int] = []
+        entries: dict[tuple[int, str], int] = {}  # (position, view) → row of image_embeddings
         sizes: dict[str, list] = {"input_sizes": [], "original_sizes": [], "image_ids": []}
-        slots = range(self.rank, len(chosen), self.world_size)
-        for i, slot in enumerate(slots):
-            record = self.reader.image(int(chosen[slot]))
-            sizes["image_ids"].append(record["image_id"])
-            original_size = (record["original_height"], record["original_width"])
-            sizes["input_sizes"].append((record["input_height"], record["input_width"]))
-            sizes["original_sizes"].append(original_size)
+
+        def entry(position: int, record: dict, view: str) -> int:
+            if (position, view) not in entries:
+                entries[(position, view)] = len(entries)
+                original_size, input_size = view_targets.view_sizes(record, view)
+                suffix = "" if view == ORIGINAL else f" ({view})"
+                sizes["image_ids"].append(record["image_id"] + suffix)
+                sizes["input_sizes"].append(input_size)
+                sizes["original_sizes"].append(original_size)
+            return entries[(position, view)]
+
+        for slot in range(self.rank, len(chosen), self.world_size):
+            position = int(chosen[slot])
+            record = self.reader.image(position)
+            if not self.views:  # every image of the share has its row (as before views)
+                entry(position, record, ORIGINAL)
             trainable = [o for o in record["objects"] if o["target_rle"] != EMPTY_TARGET_RLE]
-            generator = generator_for(self.seed, STREAM_OBJECTS, epoch, int(chosen[slot]))
+            generator = generator_for(self.seed, STREAM_OBJECTS, epoch, position)
             pick = torch.randperm(len(trainable), generator=generator)[: self.objects_per_image]
-            valid = _valid_region(record)
-            for j, k in enumerate(pick.tolist()):
-                target = decode_rle(trainable[k]["target_rle"], TARGET_SIZE, TARGET_SIZE)
+            views = self._draw_views(record, epoch, position, len(pick))
+            valid: dict[str, np.ndarray] = {}
+            for j, (k, view) in enumerate(zip(pick.tolist(), views, strict=True)):
+                target, box = _object_in_view(trainable[k], record, view)
                 if not target.any():  # a non-canonical empty RLE: skip (its row stays unused)
                     continue
-                parts["image_index"].append(i)
+                if view not in valid:
+                    valid[view] = (
+                        view_targets.view_valid_region(record, view)
+                        if view != ORIGINAL
+                        else _valid_region(record)
+                    )
+                parts["image_index"].append(entry(position, record, view))
                 parts["targets"].append(target)
-                parts["valid"].append(valid)
-                parts["boxes"].append(_box_1024(trainable[k]["bbox"], original_size))
+                parts["valid"].append(valid[view])
+                parts["boxes"].append(box)
                 rows.append(int(first_row[slot]) + j)
-        embeddings, seconds = self.reader.embeddings([int(chosen[s]) for s in slots])
+        embeddings, seconds = self.reader.view_embeddings(list(entries))
         return ObjectBatch(
             **_stack(parts, embeddings, seconds), epoch=epoch, micro=micro,
             object_rows=torch.tensor(rows, dtype=torch.int64), rows_total=int(first_row[-1]),
             **sizes,
         )  # fmt: skip
+
+    def _draw_views(self, record: dict, epoch: int, position: int, n: int) -> list[str]:
+        """One view per picked object, uniform over ``view_choices`` (from ``(seed, epoch,
+        image)``); all the original, with no draw, when there is nothing else."""
+        choices = self.view_choices(record)
+        if len(choices) == 1:
+            return [ORIGINAL] * n
+        generator = generator_for(self.seed, STREAM_VIEWS, epoch, position)
+        return [choices[i] for i in torch.randint(len(choices), (n,), generator=generator).tolist()]
+
+
+def _object_in_view(obj: dict, record: dict, view: str) -> tuple[np.ndarray, np.ndarray]:
+    """(bool 256×256 target, XYXY box in the 1024 frame) of ``obj`` in ``view`` of its image."""
+    if view == ORIGINAL:
+        original_size = (record["original_height"], record["original_width"])
+        target = decode_rle(obj["target_rle"], TARGET_SIZE, TARGET_SIZE)
+        return target, _box_1024(obj["bbox"], original_size)
+    return view_targets.view_target(obj, record, view), view_targets.view_box_1024(
+        obj, record, view
+    )
 
 
 class ValBatches(torch.utils.data.Dataset):

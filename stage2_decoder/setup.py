@@ -339,6 +339,7 @@ def setup_run(
     cache = open_cache(config.cache)
     if dist.is_main:
         check_cache_finished(cache, config.allow_partial_cache, warn)
+    check_views(cache.name, cache.attrs.views, config.views)
     attrs = cache.attrs
     identity = {"model_type": attrs.model_type, "checkpoint_sha256": attrs.checkpoint_sha256,
                 "checkpoint_name": attrs.checkpoint_name}  # fmt: skip
@@ -383,6 +384,19 @@ def setup_run(
         ck.MetricSink(run.out / ck.METRICS).truncate_after(run.start_step)
         ck.write_json(run.out / ck.CONFIG, config.to_dict())
     return run
+
+
+def check_views(cache_name: str, stored: tuple[str, ...], asked: tuple[str, ...]) -> None:
+    """Refuse ``--views`` the cache does not store, saying how to add them."""
+    missing = [v for v in asked if v not in stored]
+    if not missing:
+        return
+    have = f"stores the views {','.join(stored)}" if stored else "stores no views"
+    raise ConfigError(
+        f"--views {','.join(asked)}: {cache_name} {have}. Add them with `embed run --images DIR "
+        f"--out {cache_name} --views {','.join(asked)}` (only the views are encoded), or drop "
+        f"--views {','.join(missing)}"
+    )
 
 
 def _restore(run: Run, state: dict[str, Any], warn: Callable[[str], None]) -> None:

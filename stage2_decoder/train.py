@@ -255,7 +255,7 @@ def fit(run: Run, progress: Progress, should_stop: ShouldStop | None = None) -> 
     data = TrainBatches(
         config.cache, run.split.train, images_per_step=config.images_per_step,
         objects_per_image=config.objects_per_image, seed=config.seed, epochs=config.epochs,
-        rank=dist.rank, world_size=dist.world_size,
+        rank=dist.rank, world_size=dist.world_size, views=config.views,
     )  # fmt: skip
     val_data = ValBatches(config.cache, run.split.val, config.images_per_step)
     accum = config.grad_accum  # micro-batches per optimizer step (fewer in an epoch's last)
