@@ -1,6 +1,6 @@
 """Pretrain ``samcache_tiny`` end to end on the synthetic "home" domain (a demonstration model).
 
-    python tools/pretrain_tiny.py --out shared/weights/samcache_tiny.pth   # ≈ 50 min, 2 cores
+    python tools/pretrain_tiny.py --out shared/weights/samcache_tiny.pth   # ≈ 75 min, 2-core CPU
     python tools/pretrain_tiny.py --out shared/weights/samcache_tiny.pth --resume  # after a kill
 
 What it trains: the whole ``Sam`` of model type ``samcache_tiny`` (``TinyConvEncoder`` image
@@ -72,7 +72,7 @@ class PretrainConfig:
     out: str
     phases: str = "256:2:0.5,512:2:0.3,1024:2:0.2"  # side:iterations:share of the steps
     steps: int = 2000
-    threads: int = 2  # torch threads (the machine's cores)
+    threads: int = 1  # torch threads: 1 (2 threads on 2 busy cores thrash: ≈ 5× slower)
     images_per_step: int = 2
     objects_per_image: int = 4
     lr: float = 8e-4
