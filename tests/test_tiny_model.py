@@ -77,9 +77,8 @@ def test_cache_records_the_bundled_checkpoint(shifted_cache: str) -> None:
 
 
 def test_pretrained_tiny_is_better_than_random_on_home_data(tmp_path: Path) -> None:
-    """Zero-shot 1-click mIoU on a few home images: far above the all-background (0) of a random
-    decoder (bench_finetune measured 0.30 on 25 home objects; the shipped weights' single-mask
-    output, used for boxes, is still empty: README, "Fine-tuning samcache_tiny: measured")."""
+    """Zero-shot box and 1-click mIoU on a few home images: far above the all-background (0) of
+    a random decoder (bench_finetune measured box 0.885, 1 click 0.856 on 44 home objects)."""
     voc = make_synthetic_voc(tmp_path, n_images=4, seed=5, val_fraction=0.5)
     cache = tmp_path / "home.zarr"
     run_embed(EmbedConfig(images=str(voc / "JPEGImages"), out=str(cache), model_type=MODEL,
@@ -87,7 +86,7 @@ def test_pretrained_tiny_is_better_than_random_on_home_data(tmp_path: Path) -> N
     model = build_model(MODEL, bundled_checkpoint_path(MODEL), train_prompt_encoder=False)
     split = load_split(str(cache), 0.25, 0)
     result = validate(model, list(ValBatches(str(cache), split.val, 8)), device=CPU)
-    assert result.miou_click > 0.15, result
+    assert result.miou_box > 0.5 and result.miou_click > 0.5, result
 
 
 def test_shifted_domain_is_deterministic_and_reads_as_voc(tmp_path: Path) -> None:
