@@ -56,7 +56,7 @@ def no_fit(monkeypatch) -> list:
     whether the run folder's lock was held while it ran."""
     seen: list = []
 
-    def fit(run, progress):  # noqa: ANN001, ANN202
+    def fit(run, progress, should_stop=None):  # noqa: ANN001, ANN202
         try:
             with _run_lock(run.out):
                 seen.append("lock was free")
