@@ -88,7 +88,7 @@ class PretrainConfig:
 
 def parse_phases(text: str) -> list[tuple[int, int, float]]:
     """``"256:1:0.6,1024:3:0.4"`` → [(256, 1, 0.6), (1024, 3, 0.4)]: input side, prompt
-    iterations and share of ``--max-minutes`` of each phase, in order."""
+    iterations and share of ``--steps`` of each phase, in order."""
     phases = []
     for item in filter(None, text.split(",")):
         side, iterations, share = item.split(":")
