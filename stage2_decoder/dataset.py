@@ -36,6 +36,7 @@ from shared.cache_io import ok_rows, open_cache, read_embedding_rows
 from shared.transforms import boxes_to_1024, target_valid_size
 from shared.views import ORIGINAL
 from stage2_decoder import view_targets
+from stage2_decoder.view_targets import decode_rle
 
 COLUMNS = [
     "image_id", "row", "original_height", "original_width", "input_height", "input_width",
@@ -61,13 +62,6 @@ def derive_seed(seed: int, *keys: int) -> int:
 def generator_for(seed: int, *keys: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded by ``derive_seed(seed, *keys)``."""
     return torch.Generator().manual_seed(derive_seed(seed, *keys))
-
-
-def decode_rle(counts: str | None, height: int, width: int) -> np.ndarray:
-    """A COCO compressed RLE string as a bool (height, width) mask (None: all False)."""
-    if not counts:
-        return np.zeros((height, width), dtype=bool)
-    return mask_utils.decode({"size": [height, width], "counts": counts.encode()}).astype(bool)
 
 
 # --------------------------------------------------------------------------- the split
@@ -226,10 +220,7 @@ class _CacheReader:
             records = [
                 {k: self.images.column(k)[entries[i][0]].as_py() for k in keys} for i in slots
             ]
-            if view == ORIGINAL:
-                rows = read_embedding_rows(self._cache, records)
-            else:
-                rows = read_embedding_rows(self._cache, records, view)
+            rows = read_embedding_rows(self._cache, records, None if view == ORIGINAL else view)
             for i, row in zip(slots, rows, strict=True):
                 out[i] = row
         return torch.from_numpy(np.stack(out)), time.perf_counter() - start

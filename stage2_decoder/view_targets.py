@@ -11,15 +11,16 @@ target frame of the view, ``boxes_1024`` XYXY in the view's 1024 frame.
 from __future__ import annotations
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from shared.cache_format import TARGET_SIZE
 from shared.transforms import boxes_to_1024, mask_to_target, target_valid_size
 from shared.views import apply_view, boxes_orig_to_view, view_input_size, view_original_size
 
 
-def _decode(counts: str | None, height: int, width: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
+def decode_rle(counts: str | None, height: int, width: int) -> np.ndarray:
+    """A COCO compressed RLE string as a bool (height, width) mask (None: all False); the one
+    decoder of manifest RLEs in stage 2 (``dataset`` uses it too)."""
     if not counts:
         return np.zeros((height, width), dtype=bool)
     return mask_utils.decode({"size": [height, width], "counts": counts.encode()}).astype(bool)
@@ -38,7 +39,7 @@ def view_sizes(record: dict, view: str) -> tuple[tuple[int, int], tuple[int, int
 def view_mask(counts: str | None, record: dict, view: str) -> np.ndarray:
     """A manifest RLE (original frame) as a bool mask in the view's original frame."""
     height, width = original_size_of(record)
-    return apply_view(view, _decode(counts, height, width))
+    return apply_view(view, decode_rle(counts, height, width))
 
 
 def view_target(obj: dict, record: dict, view: str) -> np.ndarray:

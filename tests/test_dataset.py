@@ -147,9 +147,10 @@ def test_each_embedding_is_read_once_per_batch(cache: str, monkeypatch) -> None:
     reads: list[list[int]] = []
     original = ds.read_embedding_rows
 
-    def spy(cache, records):
+    def spy(cache, records, view=None):
+        assert view is None  # no --views: the images' own rows only
         reads.append([r["row"] for r in records])
-        return original(cache, records)
+        return original(cache, records, view)
 
     monkeypatch.setattr(ds, "read_embedding_rows", spy)
     data = _train_batches(cache, objects_per_image=3)
