@@ -46,20 +46,24 @@ MODEL = "samcache_tiny"
 PROTOCOLS = (("box", "box_miou"), ("1 click", "miou@1"), ("3 clicks", "miou@3"),
              ("5 clicks", "miou@5"))  # fmt: skip
 SETS = {"home": ("home", 100), "shifted": ("shifted", 1), "unseen": ("shifted", 2)}
+REPLAY = ("home", 101)  # home images for ``--n-replay`` (never evaluated on)
 
 
 def make_cache(work: Path, name: str, n_images: int, checkpoint: str | None = None) -> str:
     """Synthetic VOC set ``name`` (see SETS) embedded with samcache_tiny (the bundled weights,
     or ``checkpoint``); returns the cache."""
-    domain, seed = SETS[name]
+    domain, seed = SETS.get(name, REPLAY)
     voc = make_synthetic_voc(work / name, n_images=n_images, seed=seed, domain=domain)
     cache = work / f"{name}.zarr"
     summary = run_embed(EmbedConfig(
         images=str(voc / "JPEGImages"), out=str(cache), model_type=MODEL, precision="fp32",
         download=False, checkpoint=checkpoint,
     ))  # fmt: skip
-    print(f"  {name}: {n_images} images embedded at {summary.images_per_second:.2f} images/s "
-          "(JPEG decode and preprocessing included)", flush=True)  # fmt: skip
+    if not summary.encoded:
+        print(f"  {name}: {n_images} images already in {cache} (--work reused)", flush=True)
+    else:
+        print(f"  {name}: {n_images} images embedded at {summary.images_per_second:.2f} "
+              "images/s (JPEG decode and preprocessing included)", flush=True)  # fmt: skip
     return str(cache)
 
 
@@ -88,7 +92,9 @@ def fine_tune(cache: str, out: Path, args: argparse.Namespace, **overrides: obje
     config = TrainConfig(
         cache=cache, out=str(out), epochs=args.epochs, iterations=args.iterations,
         images_per_step=args.images_per_step, objects_per_image=args.objects_per_image,
-        num_workers=0, seed=0, **overrides,  # type: ignore[arg-type]
+        num_workers=0, seed=0, replay=args.replay_cache,
+        replay_images=args.replay_images if args.replay_cache else -1,
+        **overrides,  # type: ignore[arg-type]
     )  # fmt: skip
     summary = train(config)
     print(f"  fine-tuned {out.name}: {summary.steps} steps, best val mIoU {summary.best_miou:.3f}, "
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--objects-per-image", type=int, default=4)
     parser.add_argument("--lr", type=float, default=TrainConfig("", "").lr)
     parser.add_argument("--compare-lr", default="", help="e.g. 1e-5,1e-4,3e-4,1e-3")
+    parser.add_argument("--n-replay", type=int, default=0,
+                        help="Home images (seed 101) mixed into fine-tuning (decoder train "
+                        "--replay); 0: none.")  # fmt: skip
+    parser.add_argument("--replay-images", type=int, default=-1, help="decoder train's.")
     parser.add_argument("--checkpoint", default=None, help="Default: the bundled weights.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared CPU).")
     args = parser.parse_args(argv)
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch_threads()} threads, median of 5)", flush=True)  # fmt: skip
         caches = {name: make_cache(work, name, getattr(args, f"n_{name}"), args.checkpoint)
                   for name in SETS}  # fmt: skip
+        args.replay_cache = (make_cache(work, "replay", args.n_replay, args.checkpoint)
+                             if args.n_replay else None)  # fmt: skip
         if args.compare_lr:
             print("\n".join(compare_lr(caches["shifted"], work, args)))
         run = work / "run"
@@ -192,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         splits = {"home": "all", "shifted": "val", "unseen": "all"}
         results = {name: evaluate(caches[name], run, splits[name], work / f"report_{name}")
                    for name in SETS}  # fmt: skip
+        replay = f", replaying {args.n_replay} home images" if args.n_replay else ""
         print(f"\nfine-tuned on shifted train ({args.epochs} epochs, {args.iterations} prompt "
-              f"iterations, lr {args.lr:g}); mIoU:\n")  # fmt: skip
+              f"iterations, lr {args.lr:g}{replay}); mIoU:\n")  # fmt: skip
         print(table(results))
         print()
         print("\n".join(targets(results)))

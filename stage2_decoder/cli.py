@@ -174,6 +174,20 @@ def train(
             "Validation stays on the originals."
         ),
     ] = "",
+    replay: Annotated[
+        str | None,
+        typer.Option(
+            help="A cache of the model's home domain (same SAM checkpoint) whose train images "
+            "are mixed into every step, so the fine-tune forgets less of it."
+        ),
+    ] = None,
+    replay_images: Annotated[
+        int,
+        typer.Option(
+            help="--replay images added to each micro-batch; -1: a quarter of "
+            "--images-per-step (at least 1)."
+        ),
+    ] = -1,
 ) -> None:
     """Fine-tune the mask decoder on the cache's objects; validate and checkpoint every epoch."""
     from stage2_decoder.config import TrainConfig  # light: bad options fail before torch loads
@@ -189,6 +203,7 @@ def train(
             checkpoint=str(checkpoint) if checkpoint else None, device=device,
             num_workers=num_workers, log_every=log_every, checkpoint_every=checkpoint_every,
             resume=resume, allow_partial_cache=allow_partial_cache, views=views,
+            replay=replay, replay_images=replay_images,
         )  # fmt: skip
         from stage2_decoder.train import train as run_training
 

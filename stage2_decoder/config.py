@@ -81,6 +81,7 @@ class TrainConfig:
     ``iterations``: prompt iterations per object and step (SAM's recipe: 11 = first prompt +
     8 corrective clicks + 2 mask-only; 1 = single shot). ``warmup_steps`` -1 means
     ``min(250, 5 % of all steps)``. ``lr`` 1e-4 with ``weight_decay`` 0.01: see train.py.
+    ``replay``: a cache of the model's home domain mixed into every step (replay.py).
     """
 
     cache: str
@@ -109,6 +110,8 @@ class TrainConfig:
     resume: bool = False
     allow_partial_cache: bool = False  # train while an `embed run` still writes the cache
     views: tuple[str, ...] = ()  # stored views each object may be seen in (() : originals only)
+    replay: str | None = None  # a cache of home-domain images mixed into each step (replay.py)
+    replay_images: int = -1  # replay images per micro-batch; -1: ceil(images_per_step / 4)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", parse_prompts(self.prompts))
@@ -119,6 +122,12 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 0)
         _at_least("log_every", self.log_every, 1)
         _at_least("warmup_steps", self.warmup_steps, -1)
+        _at_least("replay_images", self.replay_images, -1)
+        if self.replay_images == 0 or (self.replay_images > 0 and not self.replay):
+            raise ConfigError(
+                f"--replay-images {self.replay_images}: give --replay CACHE (images of the "
+                "model's home domain) with a count >= 1, or leave both out"
+            )
         _at_least("weight_decay", self.weight_decay, 0.0)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
@@ -133,6 +142,13 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         if self.precision == "fp16" and self.device == "cpu":
             raise ConfigError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+
+    @property
+    def replay_images_per_step(self) -> int:
+        """Images of ``replay`` added to each micro-batch (0 without ``replay``)."""
+        if not self.replay:
+            return 0
+        return self.replay_images if self.replay_images > 0 else -(-self.images_per_step // 4)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""

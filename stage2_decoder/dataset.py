@@ -44,6 +44,7 @@ COLUMNS = [
     "embedding_checksum", "views", "view_checksums",
 ]  # fmt: skip
 STREAM_SPLIT, STREAM_ORDER, STREAM_OBJECTS, STREAM_PROMPTS, STREAM_VIEWS = 1, 2, 3, 4, 5
+STREAM_REPLAY = 6  # replay.py
 EMPTY_TARGET_RLE = mask_utils.encode(np.zeros((TARGET_SIZE, TARGET_SIZE), np.uint8, order="F"))[
     "counts"
 ].decode("ascii")
@@ -76,7 +77,7 @@ class Split:
     how: str
 
 
-def _object_counts(images: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def object_counts(images: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Per image: number of objects, number with a non-empty 256 target (trainable)."""
     objects = images.column("objects").combine_chunks()
     counts = pc.fill_null(pc.list_value_length(objects), 0).to_numpy(zero_copy_only=False)
@@ -111,7 +112,7 @@ def load_split(cache_path: str, val_fraction: float, seed: int) -> Split:
             f"{cache.name} was made without masks: run `embed run --masks/--coco` "
             "or use a VOC layout"
         )
-    counts, trainable = _object_counts(table)
+    counts, trainable = object_counts(table)
     split = table.column("split").to_pylist()
     if "train" in split and "val" in split:
         train_mask = np.array([s == "train" for s in split])
@@ -277,7 +278,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.seed, self.epochs, self.rank, self.world_size = seed, epochs, rank, world_size
         self.views = tuple(views)  # stored views objects may be seen in (() : originals only)
         self.per_epoch = math.ceil(images.num_rows / images_per_step)
-        self.trainable = _object_counts(self.reader.images)[1]  # per image
+        self.trainable = object_counts(self.reader.images)[1]  # per image
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -307,7 +308,10 @@ class TrainBatches(torch.utils.data.Dataset):
         return (ORIGINAL, *(v for v in self.views if v in have))
 
     def __getitem__(self, index: int) -> ObjectBatch:
-        epoch, micro = divmod(int(index), self.per_epoch)
+        return self.batch(*divmod(int(index), self.per_epoch))
+
+    def batch(self, epoch: int, micro: int) -> ObjectBatch:
+        """Micro-batch ``micro`` of ``epoch``: this rank's images of it and their objects."""
         chosen = self.micro_batch(epoch, micro)
         counts = np.minimum(self.trainable[chosen], self.objects_per_image)
         first_row = np.concatenate([[0], np.cumsum(counts)])  # of each image, all ranks

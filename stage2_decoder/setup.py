@@ -43,6 +43,7 @@ from stage2_decoder.config import ConfigError, TrainConfig, merge_resumed
 from stage2_decoder.dataset import Split, load_split
 from stage2_decoder.guards import check_cache_finished
 from stage2_decoder.model import PromptableDecoder
+from stage2_decoder.replay import check_replay_cache
 from stage2_decoder.schedule import default_warmup
 
 T = TypeVar("T")
@@ -340,6 +341,7 @@ def setup_run(
     if dist.is_main:
         check_cache_finished(cache, config.allow_partial_cache, warn)
     check_views(cache.name, cache.attrs.views, config.views)
+    check_replay_cache(config, cache.attrs, warn, dist.is_main)
     attrs = cache.attrs
     identity = {"model_type": attrs.model_type, "checkpoint_sha256": attrs.checkpoint_sha256,
                 "checkpoint_name": attrs.checkpoint_name}  # fmt: skip

@@ -52,7 +52,7 @@ def test_empty_targets_are_not_trained_but_validated(tiny_checkpoint: Path, tmp_
     path = make_cache(tmp_path / "c.zarr", tiny_checkpoint, n_images=3, splits=["train"] * 3)
     # No val images in the split column → random split; make sure the counting handles it.
     split = ds.load_split(str(path), 0.34, seed=0)
-    counts, trainable = ds._object_counts(split.train)
+    counts, trainable = ds.object_counts(split.train)
     assert (trainable <= counts).all() and (trainable > 0).all()
     assert (
         ds.EMPTY_TARGET_RLE
