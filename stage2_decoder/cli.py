@@ -184,8 +184,8 @@ def train(
     replay_images: Annotated[
         int,
         typer.Option(
-            help="--replay images added to each micro-batch; -1: a quarter of "
-            "--images-per-step (at least 1)."
+            help="--replay images added to each micro-batch; -1: as many as "
+            "--images-per-step (1:1, the measured recipe; README)."
         ),
     ] = -1,
 ) -> None:

@@ -111,7 +111,7 @@ class TrainConfig:
     allow_partial_cache: bool = False  # train while an `embed run` still writes the cache
     views: tuple[str, ...] = ()  # stored views each object may be seen in (() : originals only)
     replay: str | None = None  # a cache of home-domain images mixed into each step (replay.py)
-    replay_images: int = -1  # replay images per micro-batch; -1: ceil(images_per_step / 4)
+    replay_images: int = -1  # replay images per micro-batch; -1: images_per_step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", parse_prompts(self.prompts))
@@ -148,7 +148,7 @@ class TrainConfig:
         """Images of ``replay`` added to each micro-batch (0 without ``replay``)."""
         if not self.replay:
             return 0
-        return self.replay_images if self.replay_images > 0 else -(-self.images_per_step // 4)
+        return self.replay_images if self.replay_images > 0 else self.images_per_step
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""

@@ -42,10 +42,10 @@ def _replay(home: str, seed: int = 4, images: int = 2, **kwargs) -> ReplayBatche
                          seed=seed, **kwargs)  # fmt: skip
 
 
-def test_replay_options_are_checked_and_the_default_is_a_quarter_of_the_step() -> None:
+def test_replay_options_are_checked_and_the_default_mixes_one_to_one() -> None:
     assert TrainConfig("c", "o").replay_images_per_step == 0
-    assert TrainConfig("c", "o", replay="h", images_per_step=8).replay_images_per_step == 2
-    assert TrainConfig("c", "o", replay="h", images_per_step=2).replay_images_per_step == 1
+    assert TrainConfig("c", "o", replay="h", images_per_step=8).replay_images_per_step == 8
+    assert TrainConfig("c", "o", replay="h", images_per_step=1).replay_images_per_step == 1
     assert TrainConfig("c", "o", replay="h", replay_images=3).replay_images_per_step == 3
     with pytest.raises(ConfigError, match="--replay-images 2: give --replay CACHE"):
         TrainConfig("c", "o", replay_images=2)
