@@ -72,6 +72,14 @@ class MixedBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.main)
 
+    def describe(self) -> str:
+        """One line for the user: what is replayed, how much per step."""
+        reader = self.replay.reader
+        return (
+            f"replay: {self.replay.images_per_step} of the {reader.images.num_rows} train images "
+            f"of {reader.cache_path} in every micro-batch of {self.main.images_per_step}"
+        )
+
     def __getitem__(self, index: int) -> ObjectBatch:
         epoch, micro = divmod(int(index), self.per_epoch)
         return join_batches(self.main.batch(epoch, micro), self.replay.batch(epoch, micro))

@@ -47,7 +47,7 @@ from stage2_decoder.config import TrainConfig
 from stage2_decoder.dataset import STREAM_PROMPTS, TrainBatches, ValBatches, derive_seed
 from stage2_decoder.guards import run_folder_lock
 from stage2_decoder.plots import CURVES, plot_curves
-from stage2_decoder.replay import with_replay
+from stage2_decoder.replay import MixedBatches, with_replay
 from stage2_decoder.schedule import lr_at
 from stage2_decoder.setup import Distributed, Run, average_gradients, setup_run
 from stage2_decoder.step import StepSettings, interactive_step
@@ -259,6 +259,8 @@ def fit(run: Run, progress: Progress, should_stop: ShouldStop | None = None) -> 
         rank=dist.rank, world_size=dist.world_size, views=config.views,
     )  # fmt: skip
     data = with_replay(data, config)  # + --replay images in every micro-batch
+    if isinstance(data, MixedBatches) and main:
+        progress.message(data.describe())
     val_data = ValBatches(config.cache, run.split.val, config.images_per_step)
     accum = config.grad_accum  # micro-batches per optimizer step (fewer in an epoch's last)
     start_epoch, start_in_epoch = divmod(run.start_step, run.steps_per_epoch)

@@ -90,6 +90,8 @@ def test_joined_batch_keeps_each_object_with_its_own_embedding(caches: tuple[str
     replay = _replay(home)
     mixed = MixedBatches(main, replay)
     assert len(mixed) == len(main) and mixed.per_epoch == main.per_epoch
+    expected = f"replay: 2 of the 6 train images of {home} in every micro-batch of 2"
+    assert mixed.describe() == expected
     ours, theirs, joined = main.batch(0, 1), replay.batch(0, 1), mixed[1]
     assert joined.n_objects == ours.n_objects + theirs.n_objects > ours.n_objects
     assert (joined.epoch, joined.micro) == (0, 1)
@@ -142,3 +144,27 @@ def test_a_replay_cache_of_another_model_is_refused(
     with pytest.raises(ConfigError, match="cannot be mixed. Embed the replay images"):
         train(_config(main_cache, tmp_path / "run", replay=str(foreign)))
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_cli_replays_with_worker_processes_and_errors_in_one_line(
+    caches: tuple[str, str], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from stage2_decoder.cli import app
+
+    main_cache, home = caches
+    fast = ["--epochs", "1", "--iterations", "1", "--images-per-step", "2",
+            "--objects-per-image", "1", "--val-fraction", "0.2", "--precision", "fp32"]  # fmt: skip
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--cache", main_cache, "--out", str(out), *fast,
+                                      "--replay", home, "--num-workers", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"replay: 2 of the 6 train images of {home} in every micro-batch of 2" in text
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert saved["replay"] == home and saved["replay_images"] == -1
+    bad = CliRunner().invoke(app, ["train", "--cache", main_cache, "--out", str(tmp_path / "b"),
+                                   *fast, "--replay-images", "2"])  # fmt: skip
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "--replay-images 2: give --replay CACHE" in " ".join(bad.output.split())
