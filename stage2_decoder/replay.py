@@ -108,13 +108,14 @@ def join_batches(main: ObjectBatch, extra: ObjectBatch) -> ObjectBatch:
     )
 
 
-def check_replay_cache(
+def replay_images(
     config: TrainConfig, main: CacheAttrs, warn: Callable[[str], None], is_main: bool = True
-) -> None:
-    """Refuse a ``--replay`` cache made with another SAM checkpoint than ``--cache``, or one
-    with nothing to train on; errors say what to do."""
+) -> pa.Table | None:
+    """The images replay draws from (the train split of ``config.replay``; None without it).
+    Refuses a replay cache made with another SAM checkpoint than ``--cache``, or one with
+    nothing to train on; errors say what to do."""
     if not config.replay:
-        return
+        return None
     replay = open_cache(config.replay)
     if is_main:
         check_cache_finished(replay, config.allow_partial_cache, warn)
@@ -125,21 +126,18 @@ def check_replay_cache(
             "replay images with the same checkpoint (`embed run --images DIR --out NEW.zarr "
             "--checkpoint …`)"
         )
-    replay_split(config)  # raises DataError when the replay cache has no train objects
-
-
-def replay_split(config: TrainConfig) -> pa.Table:
-    """The images replay draws from: the train split of ``config.replay``."""
-    assert config.replay, "no --replay cache"
+    # DataError when the replay cache has no train objects
     return load_split(config.replay, config.val_fraction, config.seed).train
 
 
-def with_replay(data: TrainBatches, config: TrainConfig) -> TrainBatches | MixedBatches:
-    """``data`` joined with ``config.replay``'s batches (``data`` itself without replay)."""
-    if not config.replay:
+def with_replay(
+    data: TrainBatches, config: TrainConfig, images: pa.Table | None
+) -> TrainBatches | MixedBatches:
+    """``data`` joined with batches of the replay ``images`` (``data`` itself without them)."""
+    if images is None:
         return data
     replay = ReplayBatches(
-        config.replay, replay_split(config), images_per_step=config.replay_images_per_step,
+        config.replay, images, images_per_step=config.replay_images_per_step,
         objects_per_image=config.objects_per_image, seed=config.seed, rank=data.rank,
         world_size=data.world_size,
     )  # fmt: skip

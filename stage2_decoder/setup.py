@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyarrow as pa
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
@@ -43,7 +44,7 @@ from stage2_decoder.config import ConfigError, TrainConfig, merge_resumed
 from stage2_decoder.dataset import Split, load_split
 from stage2_decoder.guards import check_cache_finished
 from stage2_decoder.model import PromptableDecoder
-from stage2_decoder.replay import check_replay_cache
+from stage2_decoder.replay import replay_images
 from stage2_decoder.schedule import default_warmup
 
 T = TypeVar("T")
@@ -191,6 +192,7 @@ class Run:
     device: torch.device
     precision: str
     split: Split
+    replay_images: pa.Table | None  # train images of --replay (replay.py), or None
     model: PromptableDecoder
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
@@ -341,7 +343,7 @@ def setup_run(
     if dist.is_main:
         check_cache_finished(cache, config.allow_partial_cache, warn)
     check_views(cache.name, cache.attrs.views, config.views)
-    check_replay_cache(config, cache.attrs, warn, dist.is_main)
+    replayed = replay_images(config, cache.attrs, warn, dist.is_main)
     attrs = cache.attrs
     identity = {"model_type": attrs.model_type, "checkpoint_sha256": attrs.checkpoint_sha256,
                 "checkpoint_name": attrs.checkpoint_name}  # fmt: skip
@@ -359,7 +361,7 @@ def setup_run(
     total = steps_per_epoch * config.epochs
     run = Run(
         config=config, out=Path(config.out), device=device, precision=precision, split=split,
-        model=model, optimizer=make_optimizer(model, config),
+        replay_images=replayed, model=model, optimizer=make_optimizer(model, config),
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
         steps_per_epoch=steps_per_epoch, total_steps=total,
         warmup=default_warmup(total, config.warmup_steps), cache_identity=identity, dist=dist,

@@ -258,7 +258,7 @@ def fit(run: Run, progress: Progress, should_stop: ShouldStop | None = None) -> 
         objects_per_image=config.objects_per_image, seed=config.seed, epochs=config.epochs,
         rank=dist.rank, world_size=dist.world_size, views=config.views,
     )  # fmt: skip
-    data = with_replay(data, config)  # + --replay images in every micro-batch
+    data = with_replay(data, config, run.replay_images)  # + --replay images in every micro-batch
     if isinstance(data, MixedBatches) and main:
         progress.message(data.describe())
     val_data = ValBatches(config.cache, run.split.val, config.images_per_step)
